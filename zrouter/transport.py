@@ -1,0 +1,44 @@
+"""Thin helpers over pyzmq's low-level send/recv, shared by broker, worker and client.
+
+pyzmq's ``send_multipart``/``recv_multipart`` cost about twice the low-level calls with plain
+int flags (the ``enum.Flag`` arithmetic and ``get(RCVMORE)`` are measurable per message; see
+shared/perf-notes.md), so every hot path uses these.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import zmq
+
+__all__ = ["SNDMORE", "NOBLOCK", "recv_frames", "send_frames", "free_tcp_endpoint"]
+
+SNDMORE: Final = int(zmq.SNDMORE)
+NOBLOCK: Final = int(zmq.NOBLOCK)
+
+
+def recv_frames(sock: zmq.Socket[Any], flags: int = 0) -> list[zmq.Frame]:
+    """One whole multipart message as frames (no copies). Raises zmq.Again under NOBLOCK."""
+    frame = sock.recv(flags, copy=False)
+    frames = [frame]
+    while frame.more:
+        frame = sock.recv(0, copy=False)
+        frames.append(frame)
+    return frames
+
+
+def send_frames(sock: zmq.Socket[Any], frames: list[Any] | tuple[Any, ...], flags: int = 0) -> None:
+    """Send a multipart message; ``flags`` (e.g. NOBLOCK) applies to every frame."""
+    last = len(frames) - 1
+    more = SNDMORE | flags
+    for i, frame in enumerate(frames):
+        sock.send(frame, more if i < last else flags, copy=False)
+
+
+def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
+    """A tcp:// endpoint on a port that was free a moment ago (for tests, benches, the demo)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"
