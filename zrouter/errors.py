@@ -19,15 +19,15 @@ Each reply status on the wire maps to exactly one class (see ``zrouter.protocol.
 from __future__ import annotations
 
 __all__ = [
-    "ZRouterError",
+    "ClientClosed",
+    "MessageTooLarge",
+    "Overloaded",
+    "ProtocolError",
+    "RemoteError",
     "RequestTimeout",
     "ServiceUnavailable",
-    "Overloaded",
     "WorkerLost",
-    "RemoteError",
-    "ProtocolError",
-    "MessageTooLarge",
-    "ClientClosed",
+    "ZRouterError",
 ]
 
 
@@ -54,7 +54,7 @@ class WorkerLost(ZRouterError):
 class RemoteError(ZRouterError):
     """The handler raised an exception; ``type`` is its class name, ``message`` its text."""
 
-    def __init__(self, type: str, message: str) -> None:  # noqa: A002 - mirrors the wire field
+    def __init__(self, type: str, message: str) -> None:
         super().__init__(f"{type}: {message}")
         self.type = type
         self.message = message

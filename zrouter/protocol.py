@@ -12,6 +12,7 @@ Receivers ignore elements past the ones listed here, so later versions may appen
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final, NamedTuple
 
 import msgpack
@@ -28,42 +29,42 @@ from zrouter.errors import (
 )
 
 __all__ = [
-    "SIGNATURE",
-    "REQUEST",
-    "REPLY",
-    "READY",
-    "HEARTBEAT",
-    "DRAIN",
     "DISCONNECT",
-    "UPDATE",
+    "DRAIN",
     "FLAG_IDEMPOTENT",
     "FLAG_MSGPACK",
+    "HEARTBEAT",
+    "READY",
+    "REPLY",
+    "REQUEST",
+    "SIGNATURE",
+    "STATUS_BAD_REQUEST",
+    "STATUS_NAMES",
     "STATUS_OK",
+    "STATUS_OVERLOADED",
     "STATUS_REMOTE_ERROR",
     "STATUS_TIMEOUT",
-    "STATUS_UNAVAILABLE",
-    "STATUS_OVERLOADED",
-    "STATUS_WORKER_LOST",
-    "STATUS_BAD_REQUEST",
     "STATUS_TOO_LARGE",
-    "STATUS_NAMES",
-    "Request",
-    "Reply",
+    "STATUS_UNAVAILABLE",
+    "STATUS_WORKER_LOST",
+    "UPDATE",
     "Ready",
-    "encode_request",
-    "encode_reply",
-    "encode_ready",
-    "encode_heartbeat",
-    "encode_drain",
-    "encode_disconnect",
-    "encode_update",
+    "Reply",
+    "Request",
     "decode_header",
-    "parse_request",
-    "parse_reply",
-    "parse_ready",
-    "encode_payload",
     "decode_payload",
+    "encode_disconnect",
+    "encode_drain",
+    "encode_heartbeat",
+    "encode_payload",
+    "encode_ready",
+    "encode_reply",
+    "encode_request",
+    "encode_update",
     "error_for_status",
+    "parse_ready",
+    "parse_reply",
+    "parse_request",
 ]
 
 # Dialect + version in one frame, so a peer speaking anything else is refused before decoding.
@@ -103,8 +104,8 @@ STATUS_NAMES: Final = {
     STATUS_TOO_LARGE: "too-large",
 }
 
-_packb = msgpack.Packer(use_bin_type=True).pack
-_unpackb = msgpack.unpackb
+_packb: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
+_unpackb: Callable[..., Any] = msgpack.unpackb
 
 
 class Request(NamedTuple):

@@ -11,7 +11,7 @@ from typing import Any, Final
 
 import zmq
 
-__all__ = ["SNDMORE", "NOBLOCK", "recv_frames", "send_frames", "free_tcp_endpoint"]
+__all__ = ["NOBLOCK", "SNDMORE", "free_tcp_endpoint", "recv_frames", "send_frames"]
 
 SNDMORE: Final = int(zmq.SNDMORE)
 NOBLOCK: Final = int(zmq.NOBLOCK)

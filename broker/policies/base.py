@@ -22,7 +22,7 @@ import random
 from abc import ABC, abstractmethod
 from typing import ClassVar, Protocol
 
-__all__ = ["Endpoint", "Policy", "POLICIES", "make_policy"]
+__all__ = ["POLICIES", "Endpoint", "Policy", "make_policy"]
 
 
 class Endpoint(Protocol):

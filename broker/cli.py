@@ -1,0 +1,109 @@
+"""``zrouter-broker`` / ``python -m broker``: the broker daemon's command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from broker.core import Broker, BrokerConfig
+from broker.policies import POLICIES
+
+__all__ = ["main", "parse_args"]
+
+
+def _service_policy(text: str) -> tuple[str, str]:
+    service, sep, policy = text.partition("=")
+    if not sep or not service or not policy:
+        raise argparse.ArgumentTypeError(f"expected SERVICE=POLICY, got {text!r}")
+    if policy not in POLICIES:
+        raise argparse.ArgumentTypeError(f"unknown policy {policy!r}; choose from {', '.join(sorted(POLICIES))}")
+    return service, policy
+
+
+def _size(text: str) -> int:
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    mult = units.get(t[-1:], 1)
+    return int(float(t[:-1] if t[-1:] in units else t) * mult)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    d = BrokerConfig()
+    p = argparse.ArgumentParser(
+        prog="zrouter-broker",
+        description="zrouter broker: routes client requests to workers by a per-service policy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--frontend", default=d.frontend, help="endpoint clients connect to (ROUTER)")
+    p.add_argument("--backend", default=d.backend, help="endpoint workers connect to (ROUTER)")
+    p.add_argument("--heartbeat", type=float, default=d.heartbeat_interval, metavar="SECONDS",
+                   help="heartbeat interval, both ways between broker and workers")
+    p.add_argument("--liveness", type=int, default=d.liveness, metavar="N",
+                   help="a worker silent for N heartbeat intervals is removed")
+    p.add_argument("--policy", default=d.default_policy, choices=sorted(POLICIES),
+                   help="dispatch policy for services without their own")
+    p.add_argument("--service-policy", type=_service_policy, action="append", default=[],
+                   metavar="SERVICE=POLICY", help="policy for one service (repeatable)")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, metavar="N",
+                   help="requests waiting per service before the broker answers 'overloaded'")
+    p.add_argument("--max-attempts", type=int, default=d.max_attempts, metavar="N",
+                   help="times an idempotent request may be sent to a worker (requeue budget)")
+    p.add_argument("--grace", type=float, default=d.grace, metavar="SECONDS",
+                   help="how long a request for a service nobody serves waits for a worker")
+    p.add_argument("--max-message-size", type=_size, default=d.max_message_size, metavar="BYTES",
+                   help="largest request payload accepted (suffixes k, m, g)")
+    p.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace, metavar="SECONDS",
+                   help="on SIGINT/SIGTERM, how long to wait for workers to answer what they hold")
+    p.add_argument("--stats-interval", type=float, default=d.stats_interval, metavar="SECONDS",
+                   help="how often to log counters (when they changed)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> BrokerConfig:
+    return BrokerConfig(
+        frontend=args.frontend,
+        backend=args.backend,
+        heartbeat_interval=args.heartbeat,
+        liveness=args.liveness,
+        default_policy=args.policy,
+        service_policies=dict(args.service_policy),
+        max_queue=args.max_queue,
+        max_attempts=args.max_attempts,
+        grace=args.grace,
+        max_message_size=args.max_message_size,
+        shutdown_grace=args.shutdown_grace,
+        stats_interval=args.stats_interval,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    broker = Broker(config_from_args(args))
+    try:
+        broker.bind()
+    except Exception as exc:
+        logging.getLogger("zrouter.broker").error("cannot bind: %s", exc)
+        broker.close()
+        return 2
+
+    def _stop(signum: int, _frame: Any) -> None:
+        logging.getLogger("zrouter.broker").info("received %s", signal.Signals(signum).name)
+        broker.stop()
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        broker.run()
+    finally:
+        broker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""The broker daemon's I/O loop: two ROUTER sockets, a socket monitor, and the Router core.
+
+Hot path, per request: one header decode from the client, one header encode to the worker, the
+payload frame passed along untouched (never decoded, never copied), and the same on the way
+back. Sockets are drained in batches after each poll. A worker killed outright is noticed at
+once through the back end's socket monitor (the TCP connection closing), not only when its
+heartbeats stop.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgpack
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from broker.router import Router
+from zrouter import protocol
+from zrouter.errors import ProtocolError
+from zrouter.transport import NOBLOCK, SNDMORE, recv_frames
+
+__all__ = ["Broker", "BrokerConfig"]
+
+log = logging.getLogger("zrouter.broker")
+
+# Messages taken from one socket before looking at the other: large enough to amortise the
+# poll, small enough that replies are not starved by a flood of requests.
+BATCH: Final = 256
+# How long a stopping broker waits for workers to answer what they hold.
+SHUTDOWN_GRACE: Final = 5.0
+
+_SIG: Final = protocol.SIGNATURE
+_REQUEST: Final = protocol.REQUEST
+_REPLY: Final = protocol.REPLY
+_HEARTBEAT: Final = protocol.HEARTBEAT
+_READY: Final = protocol.READY
+_DRAIN: Final = protocol.DRAIN
+_DISCONNECT: Final = protocol.DISCONNECT
+_UPDATE: Final = protocol.UPDATE
+_unpackb: Callable[..., Any] = msgpack.unpackb
+_SRCFD: Final = int(zmq.SRCFD)
+
+
+@dataclass
+class BrokerConfig:
+    frontend: str = "tcp://127.0.0.1:5555"
+    backend: str = "tcp://127.0.0.1:5556"
+    heartbeat_interval: float = 1.0
+    liveness: int = 3
+    default_policy: str = "least-outstanding"
+    service_policies: dict[str, str] = field(default_factory=dict)
+    max_queue: int = 10_000
+    max_attempts: int = 3
+    grace: float = 1.0
+    max_message_size: int = 64 * 1024 * 1024
+    shutdown_grace: float = SHUTDOWN_GRACE
+    stats_interval: float = 30.0
+
+
+class Broker:
+    """One broker. ``run()`` blocks; ``stop()`` may be called from any thread or a signal handler."""
+
+    def __init__(self, config: BrokerConfig, context: zmq.Context[Any] | None = None) -> None:
+        self.config = config
+        self.ctx = context or zmq.Context.instance()
+        self.router = Router(
+            self,
+            default_policy=config.default_policy,
+            service_policies=config.service_policies,
+            max_queue=config.max_queue,
+            max_attempts=config.max_attempts,
+            grace=config.grace,
+            liveness_timeout=config.heartbeat_interval * config.liveness,
+        )
+        self.front: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)
+        self.back: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)
+        for s in (self.front, self.back):
+            s.linger = 1000  # let final replies out at exit, but never hang on a dead peer
+            s.sndhwm = 100_000
+            s.rcvhwm = 100_000
+        # Sending to a vanished worker must fail loudly so its request is requeued at once.
+        self.back.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.monitor = self.back.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._fd_worker: dict[int, bytes] = {}
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._inbox: collections.deque[Callable[[], None]] = collections.deque()
+        self._stopping = False
+        self.frontend_endpoint = ""
+        self.backend_endpoint = ""
+        self.ready = threading.Event()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        self.front.bind(self.config.frontend)
+        self.back.bind(self.config.backend)
+        self.frontend_endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.backend_endpoint = self.back.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info("broker listening: clients on %s, workers on %s; policy %s%s",
+                 self.frontend_endpoint, self.backend_endpoint, self.config.default_policy,
+                 "".join(f", {s}={p}" for s, p in self.config.service_policies.items()))
+
+    def stop(self) -> None:
+        """Ask the loop to finish (safe from a signal handler or another thread)."""
+        self._stopping = True
+        self._wake()
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the broker's loop thread (for watchers living in other threads)."""
+        self._inbox.append(fn)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except (BlockingIOError, OSError):
+            pass  # already awake, or closing
+
+    def close(self) -> None:
+        self.back.disable_monitor()
+        for s in (self.monitor, self.front, self.back):
+            s.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # -- sink (called by the router) --------------------------------------------------------
+
+    def to_worker(self, ident: bytes, header: bytes, payload: Any) -> bool:
+        back = self.back
+        try:
+            back.send(ident, SNDMORE | NOBLOCK)
+        except zmq.ZMQError as exc:
+            if exc.errno in (errno.EHOSTUNREACH, errno.EAGAIN):
+                return False
+            raise
+        back.send(_SIG, SNDMORE)
+        if payload is None:
+            back.send(header, 0)
+        else:
+            back.send(header, SNDMORE)
+            back.send(payload, 0, copy=False)
+        return True
+
+    def to_client(self, client: bytes, header: bytes, payload: Any) -> None:
+        front = self.front
+        front.send(client, SNDMORE)
+        front.send(_SIG, SNDMORE)
+        front.send(header, SNDMORE)
+        front.send(payload, 0, copy=False)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        if not self.frontend_endpoint:
+            self.bind()
+        cfg = self.config
+        poller = zmq.Poller()
+        poller.register(self.back, zmq.POLLIN)
+        poller.register(self.front, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        router = self.router
+        next_beat = time.monotonic() + cfg.heartbeat_interval
+        next_stats = time.monotonic() + cfg.stats_interval
+        last_stats: dict[str, int] = {}
+        stop_by: float | None = None
+        self.ready.set()
+        while True:
+            now = time.monotonic()
+            if self._stopping and stop_by is None:
+                log.info("broker stopping: answering queued requests, waiting up to %.1fs for %d in flight",
+                         cfg.shutdown_grace, router.inflight_count())
+                router.shutdown()
+                stop_by = now + cfg.shutdown_grace
+            if stop_by is not None and (now >= stop_by or not router.inflight_count()):
+                break
+            wake = next_beat
+            timer = router.next_timer()
+            if timer is not None and timer < wake:
+                wake = timer
+            if stop_by is not None and stop_by < wake:
+                wake = stop_by
+            timeout = max(0, int((wake - now) * 1000.0) + 1)
+            events = dict(poller.poll(timeout))
+            now = time.monotonic()
+            if self.monitor in events:
+                self._drain_monitor(now)
+            if self.back in events:
+                self._drain_backend(now)
+            if self.front in events:
+                self._drain_frontend(now)
+            if events.get(self._wake_r.fileno()):
+                self._drain_inbox()
+            if now >= next_beat:
+                router.tick(now)
+                next_beat = now + cfg.heartbeat_interval
+                if now >= next_stats:
+                    stats = router.stats.as_dict()
+                    if stats != last_stats:
+                        log.info("stats: %s; %d workers, %d in flight", stats, len(router.workers),
+                                 router.inflight_count())
+                        last_stats = stats
+                    next_stats = now + cfg.stats_interval
+            elif timer is not None and now >= timer:
+                router.expire(now)
+        router.abandon_inflight()
+        log.info("broker stopped: %s", router.stats.as_dict())
+
+    def _drain_inbox(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        while self._inbox:
+            fn = self._inbox.popleft()
+            try:
+                fn()
+            except Exception:
+                log.exception("error in a call scheduled on the broker loop")
+
+    def _drain_monitor(self, now: float) -> None:
+        while True:
+            try:
+                msg = self.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            event = parse_monitor_message(msg)
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                ident = self._fd_worker.pop(int(event["value"]), None)
+                w = self.router.workers.get(ident) if ident is not None else None
+                if w is not None:
+                    self.router.remove_worker(w, "connection closed", now)
+
+    def _drain_backend(self, now: float) -> None:
+        back = self.back
+        for _ in range(BATCH):
+            try:
+                frames = recv_frames(back, NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self._on_worker_message(frames, now)
+            except (ProtocolError, IndexError, TypeError, ValueError) as exc:
+                log.warning("bad message from worker %s: %s", frames[0].bytes.hex(), exc)
+
+    def _on_worker_message(self, frames: list[zmq.Frame], now: float) -> None:
+        router = self.router
+        ident = frames[0].bytes
+        if len(frames) < 3 or frames[1].bytes != _SIG:
+            raise ProtocolError("expected [signature, header, ...] with signature ZRT1")
+        header = _unpackb(frames[2].buffer)
+        cmd = header[0]
+        w = router.workers.get(ident)
+        if w is not None:
+            w.last_seen = now
+        if cmd == _REPLY:
+            if w is None:
+                self._disconnect(ident, "reply from an unknown worker")
+                return
+            if len(frames) != 4:
+                raise ProtocolError("REPLY needs a payload frame")
+            router.worker_reply(w, header[1], header[2], header[3], header[4], header[5], frames[3], now)
+        elif cmd == _HEARTBEAT:
+            if w is None:
+                self._disconnect(ident, "heartbeat from an unknown worker")
+        elif cmd == _READY:
+            ready = protocol.parse_ready(header)
+            # Events queued before this connection's first message belong to older connections
+            # (maybe on this same fd number): handle them first so they cannot hit this worker.
+            self._drain_monitor(now)
+            fd = frames[0].get(_SRCFD)
+            router.worker_ready(ident, ready, now, fd)
+            self._fd_worker[fd] = ident
+        elif w is None:
+            self._disconnect(ident, f"command {cmd} from an unknown worker")
+        elif cmd == _DRAIN:
+            router.worker_drain(w, now)
+        elif cmd == _DISCONNECT:
+            router.remove_worker(w, f"said goodbye ({header[1] if len(header) > 1 else ''})", now)
+            if self._fd_worker.get(w.fd) == ident:
+                del self._fd_worker[w.fd]
+        elif cmd == _UPDATE:
+            router.worker_update(w, int(header[1]), int(header[2]), now)
+        else:
+            raise ProtocolError(f"unknown command {cmd}")
+
+    def _disconnect(self, ident: bytes, why: str) -> None:
+        log.info("asking worker %s to reconnect: %s", ident.hex(), why)
+        self.to_worker(ident, protocol.encode_disconnect(why), None)
+
+    def _drain_frontend(self, now: float) -> None:
+        front = self.front
+        request = self.router.request
+        max_size = self.config.max_message_size
+        for _ in range(BATCH):
+            try:
+                frames = recv_frames(front, NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                if len(frames) != 4 or frames[1].bytes != _SIG:
+                    raise ProtocolError("expected [signature ZRT1, header, payload]")
+                header = _unpackb(frames[2].buffer)
+                _, rid, service, timeout_ms, attempt, flags, key = header[:7]
+                if (header[0] != _REQUEST or type(rid) is not int or type(service) is not str
+                        or type(timeout_ms) is not int or timeout_ms <= 0 or type(flags) is not int
+                        or type(attempt) is not int):
+                    protocol.parse_request(header)  # raises the precise ProtocolError
+                    raise ProtocolError(f"expected a REQUEST, got command {header[0]}")
+                payload = frames[3]
+                if len(payload) > max_size:
+                    self.router.stats.bad += 1
+                    self.router.answer(frames[0].bytes, rid, protocol.STATUS_TOO_LARGE,
+                                        f"payload of {len(payload)} bytes is over the limit of {max_size}")
+                    continue
+                if type(key) is str:
+                    key = key.encode()
+                request(frames[0].bytes, rid, service, timeout_ms, attempt, flags, key, payload, now)
+            except (ProtocolError, ValueError, TypeError, IndexError) as exc:
+                self._bad_request(frames, exc)  # malformed input: answer it, keep serving
+
+    def _bad_request(self, frames: list[zmq.Frame], exc: Exception) -> None:
+        self.router.stats.bad += 1
+        client = frames[0].bytes
+        rid = 0
+        try:
+            header = _unpackb(frames[2].buffer)
+            if type(header[1]) is int:
+                rid = header[1]
+        except Exception:
+            pass
+        log.warning("bad request from client %s: %s", client.hex(), exc)
+        self.router.answer(client, rid, protocol.STATUS_BAD_REQUEST, f"bad request: {exc}")

@@ -1,0 +1,394 @@
+"""The broker's routing core, without sockets: accept, dispatch, requeue, expire, heartbeat.
+
+Every method takes ``now`` (a monotonic time in seconds) and sends through a ``Sink``, so the
+whole life of a request (credits, requeue when a worker is lost, deadlines, the unknown-service
+grace period, drains) is unit-tested without sockets or sleeps. ``broker.core`` feeds it from
+the ZeroMQ sockets.
+
+Invariants the tests check:
+- a worker never holds more than its capacity;
+- every accepted request gets exactly one reply: from its worker, or an error from here;
+- a late reply (from a worker the request was taken back from) matches nothing and is dropped,
+  because every dispatch gets a fresh broker-side request id.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Final, Protocol
+
+import msgpack
+
+from broker.policies.base import make_policy
+from broker.policies.p2c_ewma import update_ewma
+from broker.queue import ServiceQueue
+from broker.state import DONE, INFLIGHT, Request, Service, WorkerState
+from zrouter import protocol
+
+__all__ = ["Router", "Sink", "Stats"]
+
+log = logging.getLogger("zrouter.broker")
+
+_packb: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
+_REQUEST: Final = protocol.REQUEST
+_REPLY: Final = protocol.REPLY
+_IDEMPOTENT: Final = protocol.FLAG_IDEMPOTENT
+_HEARTBEAT: Final = protocol.encode_heartbeat()
+_DRAIN: Final = protocol.encode_drain()
+
+
+class Sink(Protocol):
+    """Where the router's messages go. ``to_worker`` returns False if the worker is unreachable."""
+
+    def to_worker(self, ident: bytes, header: bytes, payload: Any) -> bool: ...
+
+    def to_client(self, client: bytes, header: bytes, payload: Any) -> None: ...
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters for logs and metrics; plain ints so the hot path pays one add."""
+
+    accepted: int = 0
+    replied: int = 0
+    requeued: int = 0
+    lost: int = 0
+    timeouts: int = 0
+    unavailable: int = 0
+    overloaded: int = 0
+    late: int = 0
+    bad: int = 0
+    workers_joined: int = 0
+    workers_left: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Router:
+    """Workers, services and in-flight requests of one broker."""
+
+    def __init__(
+        self,
+        sink: Sink,
+        *,
+        default_policy: str = "least-outstanding",
+        service_policies: Mapping[str, str] | None = None,
+        max_queue: int = 10_000,
+        max_attempts: int = 3,
+        grace: float = 1.0,
+        liveness_timeout: float = 3.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.sink = sink
+        self.default_policy = default_policy
+        self.service_policies = dict(service_policies or {})
+        for name in (default_policy, *self.service_policies.values()):
+            make_policy(name)  # fail at start-up, not on the first request, for a typo
+        self.max_queue = max_queue
+        self.max_attempts = max_attempts
+        self.grace = grace
+        self.liveness_timeout = liveness_timeout
+        self.rng = rng or random.Random()
+        self.services: dict[str, Service] = {}
+        self.workers: dict[bytes, WorkerState] = {}
+        self.by_instance: dict[str, WorkerState] = {}
+        self.stats = Stats()
+        self._next_rid = 1
+        self.accepting = True
+
+    # -- services ---------------------------------------------------------------------------
+
+    def service(self, name: str, now: float) -> Service:
+        svc = self.services.get(name)
+        if svc is None:
+            policy = make_policy(self.service_policies.get(name, self.default_policy), self.rng)
+            svc = self.services[name] = Service(name, policy, ServiceQueue(self.max_queue), now)
+        return svc
+
+    # -- clients ----------------------------------------------------------------------------
+
+    def request(
+        self,
+        client: bytes,
+        crid: int,
+        service: str,
+        timeout_ms: int,
+        attempt: int,
+        flags: int,
+        key: bytes | None,
+        payload: Any,
+        now: float,
+    ) -> None:
+        """A client's request: dispatch it now, queue it, or refuse it with a reply."""
+        if not self.accepting:
+            self.answer(client, crid, protocol.STATUS_UNAVAILABLE, "broker is shutting down")
+            return
+        svc = self.services.get(service) or self.service(service, now)
+        req = Request(client, crid, svc, now + timeout_ms / 1000.0, attempt, flags, key, payload)
+        self.stats.accepted += 1
+        if not svc.queue:
+            w = svc.policy.pick(key)
+            if w is not None:
+                self._dispatch(req, w, now)  # type: ignore[arg-type]
+                return
+        grace_until = None if svc.n_routable else now + self.grace
+        if not svc.queue.push(req, now, grace_until):
+            self.stats.overloaded += 1
+            self.answer(client, crid, protocol.STATUS_OVERLOADED, f"queue of {service!r} is full")
+
+    def answer(self, client: bytes, crid: int, status: int, message: str) -> None:
+        self.sink.to_client(client, protocol.encode_reply(crid, status, 0, message), b"")
+
+    def _fail(self, req: Request, status: int, message: str) -> None:
+        req.state = DONE
+        if status == protocol.STATUS_TIMEOUT:
+            self.stats.timeouts += 1
+        elif status == protocol.STATUS_UNAVAILABLE:
+            self.stats.unavailable += 1
+        elif status == protocol.STATUS_WORKER_LOST:
+            self.stats.lost += 1
+        self.answer(req.client, req.crid, status, message)
+
+    def _dispatch(self, req: Request, w: WorkerState, now: float) -> None:
+        rid = self._next_rid
+        self._next_rid = rid + 1
+        req.rid = rid
+        req.worker = w
+        req.sent_at = now
+        req.state = INFLIGHT
+        w.inflight[rid] = req
+        w.outstanding += 1
+        svc = req.service
+        if w.outstanding >= w.capacity:
+            svc.policy.remove(w)
+            w.in_policy = False
+        else:
+            svc.policy.changed(w)
+        remaining = int((req.deadline - now) * 1000.0) or 1
+        header = _packb((_REQUEST, rid, svc.name, remaining, req.attempt, req.flags, req.key))
+        if not self.sink.to_worker(w.ident, header, req.payload):
+            self.remove_worker(w, "unreachable", now)
+
+    def _pump(self, svc: Service, now: float) -> None:
+        """Hand queued requests to workers while both exist."""
+        queue = svc.queue
+        policy = svc.policy
+        while queue and len(policy):
+            head = queue.peek()
+            if head is None:
+                break
+            if now >= head.deadline:  # before picking: a pick moves round-robin/weighted state
+                queue.pop()
+                self._fail(head, protocol.STATUS_TIMEOUT, "deadline passed while queued")
+                continue
+            w = policy.pick(head.key)
+            if w is None:
+                break
+            queue.pop()
+            self._dispatch(head, w, now)  # type: ignore[arg-type]
+
+    # -- workers ----------------------------------------------------------------------------
+
+    def worker_ready(self, ident: bytes, ready: protocol.Ready, now: float, fd: int = -1) -> WorkerState:
+        old = self.workers.get(ident)
+        if old is not None:
+            self.remove_worker(old, "sent READY again", now)
+        svc = self.service(ready.service, now)
+        w = WorkerState(ident, svc, ready.capacity, ready.weight, ready.meta, now)
+        w.fd = fd
+        stale = self.by_instance.get(w.instance)
+        if stale is not None and stale.ident in self.workers:
+            # Same instance on a new connection (it reconnected before we noticed it left).
+            self.remove_worker(stale, "replaced by a new connection of the same instance", now)
+        self.workers[ident] = w
+        self.by_instance[w.instance] = w
+        svc.workers[ident] = w
+        self.stats.workers_joined += 1
+        self._apply_weight(w)
+        self._refresh(w)
+        log.info(
+            "worker %s joined service %r (capacity %d, weight %s)", w.instance, svc.name, w.capacity, w.weight
+        )
+        self._pump(svc, now)
+        return w
+
+    def seen(self, ident: bytes, now: float) -> WorkerState | None:
+        """Any message from a worker proves it alive; None if we do not know it."""
+        w = self.workers.get(ident)
+        if w is not None:
+            w.last_seen = now
+        return w
+
+    def worker_reply(
+        self,
+        w: WorkerState,
+        rid: int,
+        status: int,
+        flags: int,
+        message: str | None,
+        error_type: str | None,
+        payload: Any,
+        now: float,
+    ) -> None:
+        req = w.inflight.pop(rid, None)
+        if req is None:
+            self.stats.late += 1
+            log.debug("dropped a late or unknown reply %d from %s", rid, w.instance)
+            return
+        req.state = DONE
+        w.outstanding -= 1
+        w.served += 1
+        w.ewma = update_ewma(w.ewma, now - req.sent_at, now - w.ewma_at)
+        w.ewma_at = now
+        self.stats.replied += 1
+        self.sink.to_client(req.client, _packb((_REPLY, req.crid, status, flags, message, error_type)), payload)
+        svc = w.service
+        if w.in_policy:
+            svc.policy.changed(w)
+        elif w.outstanding < w.capacity and w.counted:
+            svc.policy.add(w)
+            w.in_policy = True
+        if svc.queue:
+            self._pump(svc, now)
+
+    def worker_drain(self, w: WorkerState, now: float) -> None:
+        """The worker is leaving: no new work; what it holds may finish. Acknowledged so the
+        worker knows nothing more is on its way."""
+        if not w.draining:
+            log.info("worker %s is draining (%d in flight)", w.instance, w.outstanding)
+        w.draining = True
+        self._refresh(w)
+        self.sink.to_worker(w.ident, _DRAIN, None)
+
+    def worker_update(self, w: WorkerState, capacity: int, weight: int, now: float) -> None:
+        w.capacity = capacity
+        w.base_weight = weight
+        self._apply_weight(w)
+        self._refresh(w)
+        self._pump(w.service, now)
+
+    def remove_worker(self, w: WorkerState, reason: str, now: float) -> None:
+        """Forget a worker and take back what it held: idempotent requests with attempts and time
+        left go first in line again; the others get "worker lost, outcome unknown"."""
+        if self.workers.get(w.ident) is not w:
+            return
+        del self.workers[w.ident]
+        if self.by_instance.get(w.instance) is w:
+            del self.by_instance[w.instance]
+        svc = w.service
+        svc.workers.pop(w.ident, None)
+        if w.in_policy:
+            svc.policy.remove(w)
+            w.in_policy = False
+        if w.counted:
+            svc.n_routable -= 1
+            w.counted = False
+        self.stats.workers_left += 1
+        held = list(w.inflight.values())
+        w.inflight.clear()
+        w.outstanding = 0
+        requeued = 0
+        grace_until = None if svc.n_routable else now + self.grace
+        for req in reversed(held):  # reversed + push_front keeps their original order
+            if not req.flags & _IDEMPOTENT:
+                self._fail(req, protocol.STATUS_WORKER_LOST, "worker lost; request not idempotent, outcome unknown")
+            elif req.attempt + 1 >= self.max_attempts:
+                self._fail(req, protocol.STATUS_WORKER_LOST, f"worker lost on attempt {req.attempt + 1}; retry budget spent, outcome unknown")
+            elif now >= req.deadline:
+                self._fail(req, protocol.STATUS_TIMEOUT, "deadline passed; its worker was lost")
+            else:
+                req.attempt += 1
+                svc.queue.push_front(req, grace_until)
+                requeued += 1
+        self.stats.requeued += requeued
+        log.info("worker %s left service %r (%s); %d requests requeued, %d failed",
+                 w.instance, svc.name, reason, requeued, len(held) - requeued)
+        self._pump(svc, now)
+
+    # -- health from outside (Consul) -------------------------------------------------------
+
+    def set_health(self, w: WorkerState, healthy: bool, weight: float | None, now: float) -> None:
+        """Consul's view of one worker: ``healthy`` False drains it (no new work, held requests
+        finish); ``weight`` overrides the declared weight (None: no opinion)."""
+        changed = w.healthy != healthy or w.health_weight != weight
+        w.healthy = healthy
+        w.health_weight = weight
+        if changed:
+            self._apply_weight(w)
+            self._refresh(w)
+            self._pump(w.service, now)
+
+    def _apply_weight(self, w: WorkerState) -> None:
+        w.weight = w.effective_weight()
+
+    def _refresh(self, w: WorkerState) -> None:
+        """Bring the policy's membership and the service's routable count up to date."""
+        svc = w.service
+        routable = w.routable()
+        if routable != w.counted:
+            svc.n_routable += 1 if routable else -1
+            w.counted = routable
+        if routable and w.outstanding < w.capacity:
+            if w.in_policy:
+                svc.policy.changed(w)
+            else:
+                svc.policy.add(w)
+                w.in_policy = True
+        elif w.in_policy:
+            svc.policy.remove(w)
+            w.in_policy = False
+
+    # -- time -------------------------------------------------------------------------------
+
+    def tick(self, now: float, heartbeat: bool = True) -> None:
+        """Expire queued requests and silent workers; send heartbeats when asked."""
+        for w in [w for w in self.workers.values() if now - w.last_seen > self.liveness_timeout]:
+            self.remove_worker(w, f"no heartbeat for {now - w.last_seen:.1f}s", now)
+        if heartbeat:
+            for w in list(self.workers.values()):
+                if not self.sink.to_worker(w.ident, _HEARTBEAT, None):
+                    self.remove_worker(w, "unreachable", now)
+        self.expire(now)
+        for name in [n for n, s in self.services.items() if not s.workers and not s.queue
+                     and now - s.created_at > self.grace]:
+            del self.services[name]  # a typo'd service name must not live forever
+
+    def expire(self, now: float) -> None:
+        for svc in self.services.values():
+            if svc.queue:
+                for req, status in svc.queue.expire(now, unavailable=not svc.n_routable):
+                    if status == protocol.STATUS_UNAVAILABLE:
+                        text = f"no worker serves {svc.name!r}"
+                    else:
+                        text = "deadline passed while queued"
+                    self._fail(req, status, text)
+
+    def next_timer(self) -> float | None:
+        soonest: float | None = None
+        for svc in self.services.values():
+            if svc.queue:
+                t = svc.queue.next_timer()
+                if t is not None and (soonest is None or t < soonest):
+                    soonest = t
+        return soonest
+
+    def shutdown(self) -> None:
+        """Stop accepting; answer every queued request (nothing will serve it here)."""
+        self.accepting = False
+        for svc in self.services.values():
+            for req in svc.queue.drain_all():
+                self._fail(req, protocol.STATUS_UNAVAILABLE, "broker is shutting down")
+
+    def abandon_inflight(self) -> None:
+        """At exit: whatever workers still hold gets "outcome unknown"."""
+        for w in list(self.workers.values()):
+            for req in list(w.inflight.values()):
+                self._fail(req, protocol.STATUS_WORKER_LOST, "broker stopped before the worker replied; outcome unknown")
+            w.inflight.clear()
+
+    def inflight_count(self) -> int:
+        return sum(w.outstanding for w in self.workers.values())
