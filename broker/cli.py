@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -60,6 +61,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="on SIGINT/SIGTERM, how long to wait for workers to answer what they hold")
     p.add_argument("--stats-interval", type=float, default=d.stats_interval, metavar="SECONDS",
                    help="how often to log counters (when they changed)")
+    g = p.add_argument_group("Consul (optional: without it the broker's own heartbeat registry decides)")
+    g.add_argument("--consul", default=os.environ.get("CONSUL_HTTP_ADDR"), metavar="HOST:PORT",
+                   help="Consul agent to track workers through and register in (default: $CONSUL_HTTP_ADDR)")
+    g.add_argument("--no-consul", action="store_true", help="ignore $CONSUL_HTTP_ADDR")
+    g.add_argument("--consul-token", default=os.environ.get("CONSUL_HTTP_TOKEN"), metavar="TOKEN",
+                   help="ACL token (default: $CONSUL_HTTP_TOKEN)")
+    g.add_argument("--broker-service", default=d.broker_service, metavar="NAME",
+                   help="service name this broker registers under, for workers and clients to discover")
+    g.add_argument("--advertise-frontend", metavar="ENDPOINT",
+                   help="front-end endpoint published in Consul (default: the bound one)")
+    g.add_argument("--advertise-backend", metavar="ENDPOINT",
+                   help="back-end endpoint published in Consul (default: the bound one)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p.parse_args(argv)
 
@@ -78,6 +91,11 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         max_message_size=args.max_message_size,
         shutdown_grace=args.shutdown_grace,
         stats_interval=args.stats_interval,
+        consul=None if args.no_consul else args.consul,
+        consul_token=args.consul_token,
+        broker_service=args.broker_service,
+        advertise_frontend=args.advertise_frontend,
+        advertise_backend=args.advertise_backend,
     )
 
 

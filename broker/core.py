@@ -17,13 +17,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from broker.router import Router
+
+if TYPE_CHECKING:
+    from broker.consul_link import ConsulLink
 from zrouter import protocol
 from zrouter.errors import ProtocolError
 from zrouter.transport import NOBLOCK, SNDMORE, recv_frames
@@ -64,6 +67,11 @@ class BrokerConfig:
     max_message_size: int = 64 * 1024 * 1024
     shutdown_grace: float = SHUTDOWN_GRACE
     stats_interval: float = 30.0
+    consul: str | None = None  # address of a Consul agent; None: the embedded registry only
+    consul_token: str | None = None
+    broker_service: str = "zrouter-broker"
+    advertise_frontend: str | None = None
+    advertise_backend: str | None = None
 
 
 class Broker:
@@ -99,6 +107,14 @@ class Broker:
         self.frontend_endpoint = ""
         self.backend_endpoint = ""
         self.ready = threading.Event()
+        self.consul: ConsulLink | None = None
+        if config.consul:
+            from broker.consul_link import ConsulLink
+
+            self.consul = ConsulLink(
+                self, config.consul, config.consul_token, broker_service=config.broker_service,
+                advertise_frontend=config.advertise_frontend, advertise_backend=config.advertise_backend,
+            )
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -175,6 +191,8 @@ class Broker:
         next_stats = time.monotonic() + cfg.stats_interval
         last_stats: dict[str, int] = {}
         stop_by: float | None = None
+        if self.consul is not None:
+            self.consul.start()
         self.ready.set()
         while True:
             now = time.monotonic()
@@ -215,6 +233,8 @@ class Broker:
             elif timer is not None and now >= timer:
                 router.expire(now)
         router.abandon_inflight()
+        if self.consul is not None:
+            self.consul.stop()
         log.info("broker stopped: %s", router.stats.as_dict())
 
     def _drain_inbox(self) -> None:

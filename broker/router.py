@@ -99,6 +99,8 @@ class Router:
         self.stats = Stats()
         self._next_rid = 1
         self.accepting = True
+        # Called with each new worker before it can take work: Consul's verdict applies first.
+        self.on_join: Callable[[WorkerState, float], None] | None = None
 
     # -- services ---------------------------------------------------------------------------
 
@@ -208,6 +210,8 @@ class Router:
         self.by_instance[w.instance] = w
         svc.workers[ident] = w
         self.stats.workers_joined += 1
+        if self.on_join is not None:
+            self.on_join(w, now)
         self._apply_weight(w)
         self._refresh(w)
         log.info(

@@ -1,0 +1,311 @@
+"""The router end to end: a real broker process, real worker processes, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from client import AsyncClient, Client, RemoteError, RequestTimeout, ServiceUnavailable, WorkerLost
+from tests.procs import ProcessGroup
+from zrouter import protocol as p
+from zrouter.errors import MessageTooLarge, ProtocolError
+from zrouter.transport import recv_frames
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context[Any]]:
+    c: zmq.Context[Any] = zmq.Context()
+    yield c
+    c.destroy(linger=0)
+
+
+def _recv(sock: zmq.Socket[Any], timeout: float = 5.0) -> list[bytes]:
+    assert sock.poll(int(timeout * 1000)), "no message within the timeout"
+    return [f.bytes for f in recv_frames(sock)]
+
+
+def _served_by(answers: list[dict[str, Any]]) -> collections.Counter[str]:
+    return collections.Counter(str(a["worker"]) for a in answers)
+
+
+def test_requests_are_balanced_across_three_workers(procs: ProcessGroup) -> None:
+    broker = procs.broker()
+    for _ in range(3):
+        procs.worker(broker, capacity=4)
+    broker.wait_workers(3)
+    with Client(broker.frontend, timeout=10) as client:
+        pending = [client.submit("svc", {"n": i}) for i in range(300)]
+        answers = [x.result() for x in pending]
+    assert [a["payload"] for a in answers] == [{"n": i} for i in range(300)]
+    counts = _served_by(answers)
+    assert len(counts) == 3 and min(counts.values()) >= 50, counts
+
+
+def test_sigkill_while_holding_requests_loses_no_idempotent_request(procs: ProcessGroup) -> None:
+    broker = procs.broker()
+    victim = procs.worker(broker, capacity=4, delay=0.3)
+    broker.wait_workers(1)
+    for _ in range(2):
+        procs.worker(broker, capacity=4, delay=0.05)
+    broker.wait_workers(3)
+    with Client(broker.frontend, timeout=20) as client:
+        pending = [client.submit("svc", i) for i in range(60)]
+        # All three are idle, so each takes 4 at once. A first reply (fast workers: 50 ms) means
+        # the dispatch happened; the victim (300 ms a request) still holds its 4.
+        deadline = time.monotonic() + 10
+        while not any(x.done() for x in pending) and time.monotonic() < deadline:
+            pass
+        victim.kill()
+        answers = [x.result() for x in pending]
+    assert [a["payload"] for a in answers] == list(range(60))  # each exactly once, in order, correct
+    assert str(victim.pid) not in "".join(_served_by(answers))
+    broker.wait_for(r"requeued", 1)
+    assert broker.count(r"left service .*\(connection closed\); [1-9]\d* requests requeued") == 1
+
+
+def test_non_idempotent_request_of_a_lost_worker_gets_outcome_unknown(
+    procs: ProcessGroup, ctx: zmq.Context[Any]
+) -> None:
+    """A scripted worker takes the request (so we know it holds it), then its connection dies."""
+    broker = procs.broker(heartbeat=5.0)  # the scripted worker sends no heartbeats
+    w = ctx.socket(zmq.DEALER)
+    w.linger = 0
+    w.connect(broker.backend)
+    w.send_multipart([p.SIGNATURE, p.encode_ready("svc", 4, 1, {"instance": "doomed"})])
+    broker.wait_workers(1)
+    with Client(broker.frontend, timeout=10) as client:
+        pending = [client.submit("svc", "once only", idempotent=False), client.submit("svc", "again ok")]
+        got = 0
+        deadline = time.monotonic() + 10
+        while got < 2 and time.monotonic() < deadline:
+            pending[0].done()  # a sync client does its I/O when called: keep it going
+            if w.poll(20) and p.decode_header(_recv(w)[1])[0] == p.REQUEST:
+                got += 1
+        assert got == 2
+        w.close()  # the TCP connection closes, as when the process is killed
+        procs.worker(broker)
+        with pytest.raises(WorkerLost, match="outcome unknown"):
+            pending[0].result()
+        assert pending[1].result()["payload"] == "again ok"  # the idempotent one was requeued
+
+
+def test_broker_never_sends_a_worker_more_than_its_capacity(procs: ProcessGroup, ctx: zmq.Context[Any]) -> None:
+    """A scripted worker (a bare DEALER speaking the protocol) that holds what it gets."""
+    broker = procs.broker(heartbeat=5.0)  # the scripted worker sends no heartbeats
+    w = ctx.socket(zmq.DEALER)
+    w.linger = 0
+    w.connect(broker.backend)
+    w.send_multipart([p.SIGNATURE, p.encode_ready("svc", 2, 1, {"instance": "scripted"})])
+    broker.wait_workers(1)
+    with Client(broker.frontend, timeout=10) as client:
+        pending = [client.submit("svc", i) for i in range(6)]
+        held: list[list[bytes]] = []
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:
+            pending[0].done()  # a sync client does its I/O when called: keep it going
+            if w.poll(20):
+                msg = _recv(w)
+                if p.decode_header(msg[1])[0] == p.REQUEST:
+                    held.append(msg)
+        assert len(held) == 2
+        for _ in range(4):  # each reply frees exactly one credit
+            rid = p.decode_header(held.pop(0)[1])[1]
+            w.send_multipart([p.SIGNATURE, p.encode_reply(rid), b"ok"])
+            got = []
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:
+                pending[0].done()
+                if w.poll(20):
+                    msg = _recv(w)
+                    if p.decode_header(msg[1])[0] == p.REQUEST:
+                        got.append(msg)
+            assert len(got) == 1
+            held.extend(got)
+        for msg in held:
+            w.send_multipart([p.SIGNATURE, p.encode_reply(p.decode_header(msg[1])[1]), b"ok"])
+        assert [x.result() for x in pending] == [b"ok"] * 6
+
+
+def _slow_share(procs: ProcessGroup, policy: str) -> float:
+    """Share of 240 requests served by the one slow worker (100 ms a request, the others ~0),
+    from 6 closed request loops (each sends its next request when its reply is in), with
+    capacities high enough that credits never decide."""
+    broker = procs.broker("--policy", policy)
+    procs.worker(broker, capacity=50, delay=0.1)
+    broker.wait_workers(1)
+    procs.worker(broker, capacity=50)
+    procs.worker(broker, capacity=50)
+    broker.wait_workers(3)
+
+    async def run() -> list[dict[str, Any]]:
+        answers: list[dict[str, Any]] = []
+        async with AsyncClient(broker.frontend, timeout=30) as client:
+            async def loop() -> None:
+                while len(answers) < 240:
+                    answers.append(await client.request("svc", len(answers)))
+
+            await asyncio.gather(*(loop() for _ in range(6)))
+        return answers
+
+    counts = _served_by(asyncio.run(run()))
+    slow = min(counts, key=lambda k: counts[k])
+    return counts[slow] / sum(counts.values())
+
+
+def test_slow_worker_gets_less_traffic_under_least_outstanding_than_round_robin(procs: ProcessGroup) -> None:
+    lo = _slow_share(procs, "least-outstanding")
+    procs.stop_all()
+    rr = _slow_share(procs, "round-robin")
+    assert rr > 0.28  # round-robin ignores speed: about a third
+    print(f"slow worker share: least-outstanding {lo:.3f}, round-robin {rr:.3f}")
+    assert lo < rr * 0.6, (lo, rr)
+
+
+def test_graceful_drain_loses_nothing(procs: ProcessGroup) -> None:
+    broker = procs.broker()
+    leaving = procs.worker(broker, capacity=4, delay=0.4)
+    broker.wait_workers(1)
+    with Client(broker.frontend, timeout=20) as client:
+        client.request("svc", "warm-up")  # connected: the next submits go out at once
+        pending = [client.submit("svc", i) for i in range(4)]
+        staying = procs.worker(broker, capacity=4)
+        broker.wait_workers(2)
+        leaving.signal(signal.SIGTERM)
+        broker.wait_for("is draining")
+        more = [client.submit("svc", 100 + i) for i in range(8)]
+        answers = [x.result() for x in pending + more]
+    assert [a["payload"] for a in answers] == list(range(4)) + [100 + i for i in range(8)]
+    assert leaving.wait() == 0
+    by_leaving = [a for a in answers[4:] if str(leaving.pid) in str(a["worker"])]
+    assert by_leaving == []  # nothing new went to the draining worker
+    assert broker.count("said goodbye") == 1
+    assert staying.popen is not None and staying.popen.poll() is None
+
+
+def test_workers_survive_a_broker_restart_and_clients_never_hang(procs: ProcessGroup) -> None:
+    broker = procs.broker()
+    procs.worker(broker, capacity=2)
+    broker.wait_workers(1)
+    with Client(broker.frontend, timeout=3) as client:
+        assert client.request("svc", "before")["payload"] == "before"
+        broker.kill()
+        t0 = time.monotonic()
+        with pytest.raises((RequestTimeout, ServiceUnavailable)):
+            client.request("svc", "while down", timeout=1.0)
+        assert time.monotonic() - t0 < 2.0
+        broker.restart()
+        broker.wait_workers(1, timeout=15)
+        answer = None
+        end = time.monotonic() + 15
+        while answer is None and time.monotonic() < end:
+            t0 = time.monotonic()
+            try:
+                answer = client.request("svc", "after", timeout=1.0)
+            except (RequestTimeout, ServiceUnavailable):
+                assert time.monotonic() - t0 < 2.0
+        assert answer is not None and answer["payload"] == "after"
+
+
+def test_handler_exception_reaches_the_client_and_worker_keeps_serving(procs: ProcessGroup) -> None:
+    broker = procs.broker()
+    procs.worker(broker, service="fail", handler="worker.examples:fail")
+    procs.worker(broker, service="echo", handler="worker.examples:echo")
+    broker.wait_workers(2)
+    with Client(broker.frontend, timeout=5) as client:
+        for _ in range(2):
+            with pytest.raises(RemoteError) as info:
+                client.request("fail", "x")
+            assert info.value.type == "ValueError" and "boom" in info.value.message
+        assert client.request("echo", b"\x00raw") == b"\x00raw"
+        assert client.request("echo", {"k": [1, 2]}) == {"k": [1, 2]}
+
+
+def test_queued_request_times_out_and_unknown_service_is_unavailable(procs: ProcessGroup) -> None:
+    broker = procs.broker("--grace", "0.3")
+    procs.worker(broker, capacity=1, delay=1.0)
+    broker.wait_workers(1)
+    with Client(broker.frontend, timeout=5) as client:
+        busy = client.submit("svc", "hold the only credit")
+        t0 = time.monotonic()
+        with pytest.raises(RequestTimeout):
+            client.request("svc", "waits", timeout=0.3)
+        assert time.monotonic() - t0 < 1.0
+        with pytest.raises(ServiceUnavailable, match="nobody"):
+            client.request("nobody", "x")
+        assert busy.result()["payload"] == "hold the only credit"
+
+
+def test_bad_input_gets_clear_errors_and_the_broker_keeps_serving(procs: ProcessGroup, ctx: zmq.Context[Any]) -> None:
+    broker = procs.broker("--max-message-size", "1k")
+    procs.worker(broker, service="echo", handler="worker.examples:echo")
+    broker.wait_workers(1)
+    raw = ctx.socket(zmq.DEALER)
+    raw.linger = 0
+    raw.connect(broker.frontend)
+    cases = [
+        [b"HTTP/1.1", b"GET /"],  # another dialect
+        [p.SIGNATURE, b"\xc1", b""],  # header is not msgpack
+        [p.SIGNATURE, msgpack.packb([p.REQUEST, 5, "echo"]), b""],  # header too short
+        [p.SIGNATURE, msgpack.packb([p.REQUEST, 6, "echo", -1, 0, 1, None]), b""],  # bad timeout
+        [p.SIGNATURE, p.encode_request(7, "echo", 1000)],  # payload frame missing
+    ]
+    for frames in cases:
+        raw.send_multipart(frames)
+        reply = _recv(raw)
+        assert reply[0] == p.SIGNATURE
+        assert p.parse_reply(p.decode_header(reply[1])).status == p.STATUS_BAD_REQUEST
+    with Client(broker.frontend, timeout=5) as client:
+        with pytest.raises(MessageTooLarge):
+            client.request("echo", b"x" * 2048)
+        with pytest.raises(ProtocolError):
+            client.request("echo", b"x" * 2048)
+        # A client that vanishes mid-request costs nobody else anything.
+        gone = ctx.socket(zmq.DEALER)
+        gone.linger = 0
+        gone.connect(broker.frontend)
+        gone.send_multipart([p.SIGNATURE, p.encode_request(1, "echo", 5000), b"bye"])
+        gone.close()
+        assert client.request("echo", b"still here") == b"still here"
+    assert broker.popen is not None and broker.popen.poll() is None
+    assert broker.count("bad request from client") == len(cases)
+
+
+def test_broker_exits_cleanly_on_sigterm_answering_what_it_queued(
+    procs: ProcessGroup, ctx: zmq.Context[Any]
+) -> None:
+    broker = procs.broker("--grace", "30")
+    raw = ctx.socket(zmq.DEALER)
+    raw.linger = 0
+    raw.connect(broker.frontend)
+    raw.send_multipart([p.SIGNATURE, p.encode_request(1, "nobody-yet", 20_000), b"x"])
+    raw.send_multipart([p.SIGNATURE, b"\xc1", b""])
+    # Messages on one connection arrive in order: the answer to the second proves the first queued.
+    assert p.decode_header(_recv(raw)[1])[1] == 0
+    broker.signal(signal.SIGTERM)
+    reply = p.parse_reply(p.decode_header(_recv(raw)[1]))
+    assert (reply.rid, reply.status) == (1, p.STATUS_UNAVAILABLE) and "shutting down" in (reply.message or "")
+    assert broker.wait() == 0
+    assert broker.count("broker stopped") == 1
+
+
+def test_cli_help_lists_the_flags() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "broker", "--help"], capture_output=True, text=True, timeout=30,
+                         env={**os.environ})
+    assert out.returncode == 0
+    for flag in ("--frontend", "--backend", "--heartbeat", "--liveness", "--policy", "--service-policy",
+                 "--max-queue"):
+        assert flag in out.stdout
