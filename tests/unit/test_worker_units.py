@@ -1,0 +1,165 @@
+"""Unit tests of the worker's pure pieces: capacity split, backoff, CLI helpers, examples, config."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from typing import Any
+
+import pytest
+
+from worker import DEFAULT_BROKER, RequestInfo, Worker, current_request
+from worker._connection import BACKOFF_INITIAL, BACKOFF_MAX, backoff_delay, split_capacity
+from worker._core import _is_async
+from worker.cli import build_parser, load_handler, with_delay
+from worker.examples import async_echo, async_slow_echo, echo, fail, slow_echo, whoami
+
+
+@pytest.mark.parametrize(
+    ("total", "n", "expected"),
+    [
+        (5, 2, [3, 2]),
+        (4, 2, [2, 2]),
+        (1, 2, [1, 0]),
+        (0, 3, [0, 0, 0]),
+        (7, 3, [3, 2, 2]),
+        (3, 1, [3]),
+        (3, 0, []),
+        (-1, 2, [0, 0]),
+    ],
+)
+def test_split_capacity(total: int, n: int, expected: list[int]) -> None:
+    shares = split_capacity(total, n)
+    assert shares == expected
+    assert sum(shares) == (max(total, 0) if n else 0)
+
+
+def test_backoff_grows_with_jitter_up_to_the_cap() -> None:
+    rng = random.Random(1)
+    for attempt in range(40):
+        base = min(BACKOFF_MAX, BACKOFF_INITIAL * 2**attempt)
+        delay = backoff_delay(attempt, rng=rng)
+        assert base * 0.5 <= delay <= base
+    assert backoff_delay(0, rng=rng) <= BACKOFF_INITIAL
+    assert backoff_delay(100, rng=rng) <= BACKOFF_MAX
+    # Jitter: two workers reconnecting after the same failure do not pick the same moment.
+    assert len({round(backoff_delay(3), 6) for _ in range(20)}) > 1
+
+
+def test_load_handler() -> None:
+    assert load_handler("worker.examples:echo") is echo
+    assert load_handler("os.path:join") is os.path.join
+    with pytest.raises(ValueError, match="module:function"):
+        load_handler("worker.examples")
+    with pytest.raises(ImportError):
+        load_handler("no_such_module_xyz:f")
+    with pytest.raises(AttributeError):
+        load_handler("worker.examples:nope")
+    with pytest.raises(TypeError):
+        load_handler("worker.cli:DELAY_ENV")
+
+
+def test_with_delay_sync_and_async() -> None:
+    assert with_delay(echo, 0) is echo
+    slow = with_delay(echo, 0.05)
+    t0 = time.monotonic()
+    assert slow(b"x") == b"x"
+    assert time.monotonic() - t0 >= 0.05
+    slow_async = with_delay(async_echo, 0.05)
+    assert _is_async(slow_async)
+    t0 = time.monotonic()
+    assert asyncio.run(slow_async(b"y")) == b"y"
+    assert time.monotonic() - t0 >= 0.05
+
+
+def test_cli_parser() -> None:
+    args = build_parser().parse_args(
+        ["--service", "echo", "--broker", "tcp://a:1,tcp://b:2", "--broker", "tcp://c:3",
+         "--capacity", "4", "--heartbeat", "0.5", "--meta", "zone=eu", "--delay", "0.1",
+         "worker.examples:echo"]
+    )  # fmt: skip
+    assert args.service == "echo" and args.handler == "worker.examples:echo"
+    assert args.broker == ["tcp://a:1,tcp://b:2", "tcp://c:3"]
+    assert (args.capacity, args.weight, args.heartbeat, args.liveness) == (4, 1, 0.5, 3)
+    assert args.meta == [("zone", "eu")] and args.delay == 0.1
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--service", "x", "--meta", "novalue", "m:f"])
+
+
+def test_cli_delay_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZROUTER_WORKER_DELAY", "0.25")
+    assert build_parser().parse_args(["--service", "s", "m:f"]).delay == 0.25
+
+
+def test_examples() -> None:
+    assert echo(b"raw") == b"raw"
+    assert slow_echo({"delay": 0.01, "x": 1}) == {"delay": 0.01, "x": 1}
+    assert slow_echo(b"no delay") == b"no delay"
+    with pytest.raises(ValueError, match="boom"):
+        fail(None)
+    assert whoami("p") == {"worker": str(os.getpid()), "payload": "p"}
+    assert asyncio.run(async_slow_echo({"delay": 0.01})) == {"delay": 0.01}
+    assert current_request() is None
+
+
+def test_worker_configuration() -> None:
+    w = Worker("svc", echo, capacity=3, weight=2, meta={"zone": "eu"}, heartbeat_interval=0.5)
+    assert w.brokers == [DEFAULT_BROKER]
+    assert w.instance_id.startswith("svc-") and str(os.getpid()) in w.instance_id
+    assert w.meta["instance"] == w.instance_id
+    assert w.meta["pid"] == str(os.getpid()) and w.meta["host"] and w.meta["zone"] == "eu"
+    assert w.meta["heartbeat_ms"] == "500"
+    assert not w.is_async and not w.running
+    assert Worker("svc", echo).instance_id != w.instance_id
+    assert Worker("svc", echo, meta={"instance": "mine"}).instance_id == "mine"
+    assert Worker("svc", echo, broker=["tcp://a:1", "tcp://b:2", "tcp://a:1"]).brokers == [
+        "tcp://a:1",
+        "tcp://b:2",
+    ]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"capacity": 0}, {"weight": -1}, {"heartbeat_interval": 0}, {"liveness": 0}, {"broker": [""]}],
+)
+def test_worker_rejects_bad_configuration(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        Worker("svc", echo, **kwargs)
+
+
+def test_worker_rejects_bad_service_and_handler() -> None:
+    with pytest.raises(ValueError):
+        Worker("", echo)
+    with pytest.raises(TypeError):
+        Worker("svc", "not callable")  # type: ignore[arg-type]
+
+
+def test_async_detection() -> None:
+    class AsyncCallable:
+        async def __call__(self, payload: Any) -> Any:
+            return payload
+
+    assert _is_async(async_echo)
+    assert _is_async(AsyncCallable())
+    assert not _is_async(echo)
+    assert Worker("svc", AsyncCallable()).is_async
+
+
+def test_stop_before_start_and_run_once() -> None:
+    w = Worker("svc", echo)
+    assert w.stop(timeout=1.0)
+    with pytest.raises(RuntimeError):
+        w.run()
+
+
+def test_request_info_fields() -> None:
+    info = RequestInfo(1, "svc", 0, 12.5, "inst")
+    assert info._asdict() == {
+        "rid": 1,
+        "service": "svc",
+        "attempt": 0,
+        "deadline": 12.5,
+        "instance_id": "inst",
+    }

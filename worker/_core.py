@@ -1,0 +1,272 @@
+"""The public :class:`Worker`: configuration, life cycle (run/start/stop), signals, registration."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from types import FrameType, TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+import zmq
+
+from zrouter import __version__
+
+from ._context import current_request
+from ._engine import Engine
+from ._handlers import AsyncRunner, Runner, SyncPool
+from ._registration import RegistrationTicker
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["DEFAULT_BROKER", "Worker", "run_worker"]
+
+log = logging.getLogger("zrouter.worker")
+
+DEFAULT_BROKER: Final = "tcp://127.0.0.1:5556"
+
+_NEW, _RUNNING, _STOPPED = "new", "running", "stopped"
+
+
+def _is_async(handler: Callable[..., Any]) -> bool:
+    if inspect.iscoroutinefunction(handler):
+        return True
+    call = getattr(handler, "__call__", None)  # noqa: B004 - an object with an async __call__
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+def _endpoints(broker: str | Sequence[str]) -> list[str]:
+    items = [broker] if isinstance(broker, str) else list(broker)
+    out: list[str] = []
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise ValueError(f"broker endpoints must be non-empty strings, got {item!r}")
+        if item not in out:
+            out.append(item)
+    return out
+
+
+class Worker:
+    """Serves one service for one or more brokers.
+
+    ``handler(payload)`` gets the decoded payload (``bytes`` when the request payload is raw,
+    else the msgpack-decoded object) and returns the result (``bytes``-like go back raw, anything
+    else as msgpack). It may be a plain function, run on ``capacity`` pool threads, or a coroutine
+    function, run on an asyncio loop in its own thread with up to ``capacity`` requests in flight.
+    An exception becomes a remote-error reply (its class name and ``str``); the worker goes on.
+    Inside a handler, :func:`worker.current_request` tells which request it is serving.
+
+    ``run()`` blocks until stopped (SIGTERM/SIGINT drain it when it runs in the main thread; a
+    second signal skips the waiting); ``start()`` runs it in a background thread; ``stop()``
+    drains: DRAIN to every broker, serve what still arrives until the acknowledgement, wait for
+    the handlers (all bounded by ``drain_timeout``), DISCONNECT, close.
+
+    Several brokers share ``capacity``: each gets a part, announced in READY and changed with
+    UPDATE as brokers come and go; :meth:`set_brokers` changes the list at run time.
+
+    ``registration`` (e.g. a Consul registration) gets ``register()`` at start, ``pass_ttl(note)``
+    once per heartbeat interval while the worker is healthy and ``deregister()`` at exit, from a
+    thread of its own; its exceptions are logged only.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        handler: Callable[[Any], Any],
+        *,
+        broker: str | Sequence[str] = DEFAULT_BROKER,
+        capacity: int = 1,
+        weight: int = 1,
+        heartbeat_interval: float = 1.0,
+        liveness: int = 3,
+        meta: dict[str, str] | None = None,
+        drain_timeout: float = 30.0,
+        registration: object | None = None,
+    ) -> None:
+        if not isinstance(service, str) or not service:
+            raise ValueError("service must be a non-empty string")
+        if not callable(handler):
+            raise TypeError("handler must be callable")
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        if weight < 0:
+            raise ValueError("weight must be >= 0")
+        if heartbeat_interval <= 0 or liveness < 1:
+            raise ValueError("heartbeat_interval must be > 0 and liveness >= 1")
+        if drain_timeout < 0:
+            raise ValueError("drain_timeout must be >= 0")
+        self.service = service
+        self.handler = handler
+        self.is_async = _is_async(handler)
+        self.capacity = capacity
+        self.weight = weight
+        self.heartbeat_interval = heartbeat_interval
+        self.liveness = liveness
+        self.drain_timeout = drain_timeout
+        user_meta = {str(k): str(v) for k, v in (meta or {}).items()}
+        host = socket.gethostname()
+        self.instance_id: str = user_meta.get("instance") or (f"{service}-{host}-{os.getpid()}-{secrets.token_hex(3)}")
+        self.meta: dict[str, str] = {
+            "pid": str(os.getpid()),
+            "host": host,
+            "heartbeat_ms": str(round(heartbeat_interval * 1000)),
+            "version": __version__,
+            **user_meta,
+            "instance": self.instance_id,
+        }
+        self._brokers = _endpoints(broker)
+        self._registration = registration
+        self._engine = Engine(
+            service=service,
+            capacity=capacity,
+            weight=weight,
+            heartbeat_interval=heartbeat_interval,
+            liveness=liveness,
+            meta=self.meta,
+            drain_timeout=drain_timeout,
+            brokers=self._brokers,
+            runner_factory=self._make_runner,
+        )
+        self._lock = threading.Lock()
+        self._state = _NEW
+        self._thread: threading.Thread | None = None
+        self._run_ident: int | None = None
+        self._done = threading.Event()
+        self._signalled = False
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.service} {self.instance_id} brokers={self._brokers} state={self._state}>"
+
+    @property
+    def brokers(self) -> list[str]:
+        """The broker endpoints the worker is meant to be connected to."""
+        return list(self._brokers)
+
+    @property
+    def running(self) -> bool:
+        return self._state == _RUNNING
+
+    def _make_runner(self, ctx: zmq.Context[Any], endpoint: str, closed: threading.Event) -> Runner:
+        name = f"zrouter-worker-{self.service}"
+        if self.is_async:
+            return AsyncRunner(ctx, endpoint, self.instance_id, closed, self.handler, name)
+        return SyncPool(ctx, endpoint, self.instance_id, closed, self.handler, self.capacity, name)
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until stopped. In the main thread, SIGTERM/SIGINT start a graceful drain."""
+        with self._lock:
+            if self._state != _NEW:
+                raise RuntimeError("a Worker runs only once")
+            self._state = _RUNNING
+            self._run_ident = threading.get_ident()
+        previous = self._install_signals()
+        ticker = None
+        if self._registration is not None:
+            ticker = RegistrationTicker(
+                self._registration,
+                self.heartbeat_interval,
+                self._engine.status,
+                f"zrouter-worker-{self.service}",
+            )
+        log.info(
+            "worker %s for service %r: capacity %d, weight %d, %s handler, brokers %s",
+            self.instance_id, self.service, self.capacity, self.weight,
+            "async" if self.is_async else "sync", ", ".join(self._brokers) or "(none yet)",
+        )  # fmt: skip
+        try:
+            self._engine.run(on_started=ticker.start if ticker is not None else None)
+        finally:
+            if ticker is not None:
+                ticker.stop(deregister=True)
+            self._restore_signals(previous)
+            with self._lock:
+                self._state = _STOPPED
+            self._done.set()
+            log.info("worker %s stopped", self.instance_id)
+
+    def start(self) -> None:
+        """Run in a background (daemon) thread; returns at once."""
+        with self._lock:
+            if self._state != _NEW or self._thread is not None:
+                raise RuntimeError("a Worker runs only once")
+            self._thread = threading.Thread(target=self._run_logged, name=f"zrouter-worker-{self.service}", daemon=True)
+        self._thread.start()
+
+    def _run_logged(self) -> None:
+        try:
+            self.run()
+        except Exception:
+            log.exception("worker %s failed", self.instance_id)
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Drain and stop; wait up to ``timeout`` seconds (None: until done). True when stopped.
+
+        Called from a handler (or from the worker's own thread) it only asks for the drain."""
+        with self._lock:
+            state = self._state
+            if state == _NEW and self._thread is None:
+                self._state = _STOPPED  # never started: nothing to drain
+                self._done.set()
+                return True
+        self._engine.request_stop()
+        if threading.get_ident() == self._run_ident or current_request() is not None:
+            return self._done.is_set()
+        return self._done.wait(timeout)
+
+    def set_brokers(self, endpoints: str | Sequence[str]) -> None:
+        """Replace the broker list (thread-safe): new brokers are connected, dropped ones drained."""
+        self._brokers = _endpoints(endpoints)
+        self._engine.set_brokers(self._brokers)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self._signalled:
+            log.warning("%s again: stopping without waiting", name)
+            self._engine.request_stop(force=True)
+        else:
+            self._signalled = True
+            log.info("%s: draining", name)
+            self._engine.request_stop()
+
+    def _install_signals(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous: dict[int, Any] = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[signum] = signal.signal(signum, self._on_signal)
+            except (ValueError, OSError):  # not allowed here (e.g. an embedded interpreter)
+                pass
+        return previous
+
+    @staticmethod
+    def _restore_signals(previous: dict[int, Any]) -> None:
+        for signum, handler in previous.items():
+            try:
+                signal.signal(signum, handler)
+            except (ValueError, OSError, TypeError):
+                pass
+
+
+def run_worker(service: str, handler: Callable[[Any], Any], **options: Any) -> None:
+    """``Worker(service, handler, **options).run()``: serve in this thread until signalled."""
+    Worker(service, handler, **options).run()

@@ -1,0 +1,474 @@
+"""The worker's I/O thread: one zmq poll loop over every broker DEALER, the replies PULL and a
+wake-up socket pair; it alone touches those sockets.
+
+Requests go from here to a handler runner (``_handlers``) as jobs; replies come back over the
+inproc PULL tagged with a ticket that maps to (connection, generation). Other threads talk to
+the loop only through :meth:`Engine.request_stop` and :meth:`Engine.set_brokers`, which set a
+field under a lock and write one byte to the wake-up socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import zmq
+
+from zrouter.errors import ProtocolError
+from zrouter.protocol import (
+    DISCONNECT,
+    DRAIN,
+    HEARTBEAT,
+    REQUEST,
+    SIGNATURE,
+    STATUS_BAD_REQUEST,
+    STATUS_TIMEOUT,
+    decode_header,
+    encode_disconnect,
+    encode_drain,
+    encode_ready,
+    encode_reply,
+    encode_update,
+)
+from zrouter.transport import NOBLOCK, recv_frames
+
+from ._connection import ACTIVE, BACKOFF, DRAINING, BrokerConnection, split_capacity
+from ._handlers import Job, Runner
+
+__all__ = ["Engine"]
+
+log = logging.getLogger("zrouter.worker")
+
+_BATCH: Final = 256  # messages taken from one socket per poll wake-up
+_DISCONNECT_LINGER_MS: Final = 1000  # how long a closing socket may spend flushing DISCONNECT
+_EMPTY: Final = b""
+_DRAIN_FRAMES: Final = (SIGNATURE, encode_drain())
+
+RunnerFactory = Callable[[zmq.Context[Any], str, threading.Event], Runner]
+
+
+class Engine:
+    """Broker connections, request bookkeeping and the poll loop (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        capacity: int,
+        weight: int,
+        heartbeat_interval: float,
+        liveness: int,
+        meta: dict[str, str],
+        drain_timeout: float,
+        brokers: Sequence[str],
+        runner_factory: RunnerFactory,
+    ) -> None:
+        self.service = service
+        self.capacity = capacity
+        self.weight = weight
+        self.heartbeat = heartbeat_interval
+        self.dead_after = heartbeat_interval * liveness
+        self.meta = meta
+        self.drain_timeout = drain_timeout
+        self._runner_factory = runner_factory
+        self.closed = threading.Event()  # set once the loop has ended: runners drop late replies
+        self.last_tick = 0.0  # monotonic time of the loop's latest wake-up (registration health)
+
+        # Control from other threads.
+        self._lock = threading.Lock()
+        self._stop_requested = False
+        self._force = False
+        self._new_brokers: list[str] | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+        # I/O thread state.
+        self.conns = [BrokerConnection(ep, i) for i, ep in enumerate(brokers)]
+        self.pending: dict[int, tuple[BrokerConnection, int]] = {}  # ticket -> (conn, generation)
+        self.backlog: deque[Job] = deque()  # over the local limit: the broker overfilled us
+        self.running = 0  # jobs handed to the runner and not yet answered
+        self.stopping = False
+        self.stop_deadline = math.inf
+        self._next_ticket = 0
+        self._dirty = True  # re-run the timers on the next turn of the loop
+        self._finished = False
+        self._ctx: zmq.Context[Any] | None = None
+        self._poller = zmq.Poller()
+        self._by_sock: dict[zmq.Socket[Any], BrokerConnection] = {}
+        self._submit: Callable[[Job], None] = lambda job: None
+
+    # -- any thread --------------------------------------------------------------------------
+
+    def request_stop(self, force: bool = False) -> None:
+        with self._lock:
+            self._stop_requested = True
+            self._force = self._force or force
+        self._wake()
+
+    def set_brokers(self, endpoints: Sequence[str]) -> None:
+        with self._lock:
+            self._new_brokers = list(endpoints)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # full (a wake-up is pending anyway) or already closed
+            pass
+
+    def status(self) -> tuple[bool, str]:
+        """(healthy, note) for the registration's TTL check: the loop turns and is not closed."""
+        healthy = not self.closed.is_set() and time.monotonic() - self.last_tick < self.dead_after + 1.0
+        conns = list(self.conns)
+        up = sum(1 for c in conns if c.confirmed)
+        return healthy, f"brokers {up}/{len(conns)}, in flight {self.running}/{self.capacity}"
+
+    # -- the I/O thread ----------------------------------------------------------------------
+
+    def run(self, on_started: Callable[[], None] | None = None) -> None:
+        """Serve until a stop request has drained every connection; then shut the runner down.
+
+        ``on_started`` is called (in this thread) once the handler runner is up, just before
+        the loop starts."""
+        ctx: zmq.Context[Any] = zmq.Context()
+        self._ctx = ctx
+        endpoint = f"inproc://zrouter-worker-replies-{id(self):x}"
+        pull = ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.RCVHWM, 0)
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.bind(endpoint)
+        runner = self._runner_factory(ctx, endpoint, self.closed)
+        self._submit = runner.submit
+        clean = False
+        try:
+            runner.start()
+            self.last_tick = time.monotonic()
+            if on_started is not None:
+                on_started()
+            self._loop(pull)
+            clean = True
+        finally:
+            for conn in list(self.conns):
+                self._remove(conn)
+            self.closed.set()
+            pull.close(0)
+            self._wake_r.close()
+            self._wake_w.close()
+            now = time.monotonic()
+            deadline = min(self.stop_deadline, now + self.drain_timeout) if clean else now
+            if self.running == 0:  # idle threads only have to see the end-of-work marker
+                deadline = max(deadline, now + 2.0)
+            if runner.shutdown(deadline):
+                ctx.term()  # waits (bounded by linger) for DISCONNECTs to be flushed
+            else:
+                log.warning("handlers still running after the drain timeout: abandoning them")
+
+    def _loop(self, pull: zmq.Socket[Any]) -> None:
+        poller = self._poller
+        poller.register(pull, zmq.POLLIN)
+        wake_fd = self._wake_r.fileno()
+        poller.register(wake_fd, zmq.POLLIN)
+        by_sock = self._by_sock
+        poll = poller.poll
+        monotonic = time.monotonic
+        next_timer = 0.0
+        now = monotonic()
+        self._on_wake(now)  # a stop or broker list that came before the loop started
+        while True:
+            if self._dirty or now >= next_timer:
+                self._dirty = False
+                next_timer = self._on_timers(now)
+                if self._finished:
+                    return
+            events = poll(max(0, math.ceil((next_timer - now) * 1000.0)))
+            now = monotonic()
+            self.last_tick = now
+            for sock, _ in events:
+                if sock is pull:
+                    self._on_replies(pull, now)
+                elif sock == wake_fd:
+                    self._on_wake(now)
+                else:
+                    conn = by_sock.get(sock)
+                    if conn is not None:
+                        self._on_broker(conn, sock, now)
+
+    def _on_broker(self, conn: BrokerConnection, sock: zmq.Socket[Any], now: float) -> None:
+        for _ in range(_BATCH):
+            try:
+                frames = recv_frames(sock, NOBLOCK)
+            except zmq.Again:
+                return
+            conn.last_recv = now
+            if len(frames) < 2 or frames[0].bytes != SIGNATURE:
+                log.warning("broker %s sent a message without the zrouter signature", conn.endpoint)
+                continue
+            try:
+                header = decode_header(frames[1].buffer)
+            except ProtocolError as exc:
+                log.warning("broker %s sent a bad header: %s", conn.endpoint, exc)
+                continue
+            cmd = header[0]
+            if cmd == REQUEST:
+                if not conn.confirmed:
+                    self._confirm(conn, now)
+                self._on_request(conn, header, frames[2] if len(frames) > 2 else None, now)
+            elif cmd == HEARTBEAT:
+                if not conn.confirmed:
+                    self._confirm(conn, now)
+            elif cmd == DRAIN:
+                if not conn.confirmed:
+                    self._confirm(conn, now)
+                if conn.state == DRAINING:
+                    conn.drain_acked = True
+                    self._dirty = True
+                else:
+                    log.info("broker %s sent DRAIN unasked: ignored", conn.endpoint)
+            elif cmd == DISCONNECT:
+                self._on_disconnect(conn, now)
+                return
+            else:
+                log.debug("broker %s sent unknown command %r: ignored", conn.endpoint, cmd)
+
+    def _on_request(self, conn: BrokerConnection, header: list[Any], payload: Any, now: float) -> None:
+        try:
+            job: Job = (self._next_ticket, header[1], header[2], header[4], now + header[3] * 0.001,
+                        header[5], payload)  # fmt: skip
+        except (IndexError, TypeError):
+            log.warning("broker %s sent a malformed REQUEST header %r", conn.endpoint, header[:7])
+            if len(header) > 1 and type(header[1]) is int:
+                bad = encode_reply(header[1], STATUS_BAD_REQUEST, 0, "malformed REQUEST header")
+                conn.send((SIGNATURE, bad, _EMPTY), now)
+            return
+        ticket = self._next_ticket
+        self._next_ticket = ticket + 1
+        self.pending[ticket] = (conn, conn.generation)
+        conn.owed += 1
+        if self.running < self.capacity:
+            self.running += 1
+            self._submit(job)
+        else:
+            self.backlog.append(job)
+
+    def _on_replies(self, pull: zmq.Socket[Any], now: float) -> None:
+        pending = self.pending
+        for _ in range(_BATCH):
+            try:
+                frames = recv_frames(pull, NOBLOCK)
+            except zmq.Again:
+                break
+            self.running -= 1
+            entry = pending.pop(int.from_bytes(frames[0].bytes, "little"), None)
+            if entry is None:
+                continue
+            conn, generation = entry
+            if conn.generation == generation and conn.sock is not None:
+                conn.send((SIGNATURE, frames[1], frames[2]), now)
+                conn.owed -= 1
+                if conn.state == DRAINING and conn.owed == 0:
+                    self._dirty = True
+            else:
+                log.debug("dropping a reply owed to an earlier connection to %s", conn.endpoint)
+        if self.backlog:
+            self._pump_backlog(now)
+
+    def _pump_backlog(self, now: float) -> None:
+        backlog = self.backlog
+        while backlog and self.running < self.capacity:
+            job = backlog.popleft()
+            conn, generation = self.pending[job[0]]
+            if conn.generation != generation or conn.sock is None:
+                del self.pending[job[0]]
+                log.debug("dropping a queued request of an earlier connection to %s", conn.endpoint)
+            elif now >= job[4]:
+                del self.pending[job[0]]
+                conn.owed -= 1
+                late = encode_reply(job[1], STATUS_TIMEOUT, 0, "deadline passed while queued in the worker")
+                conn.send((SIGNATURE, late, _EMPTY), now)
+                if conn.state == DRAINING and conn.owed == 0:
+                    self._dirty = True
+            else:
+                self.running += 1
+                self._submit(job)
+
+    def _on_wake(self, now: float) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:  # drained (BlockingIOError)
+            pass
+        with self._lock:
+            stop, force, brokers = self._stop_requested, self._force, self._new_brokers
+            self._new_brokers = None
+        if stop and not self.stopping:
+            self._start_stop(now)
+        if force:
+            self.stop_deadline = now
+            for conn in self.conns:
+                conn.drain_deadline = min(conn.drain_deadline, now)
+        if brokers is not None and not self.stopping:
+            self._apply_brokers(brokers, now)
+        self._dirty = True
+
+    # -- connection life cycle ---------------------------------------------------------------
+
+    def _on_timers(self, now: float) -> float:
+        """Reconnects, liveness, heartbeats and drain progress; returns the next timer due."""
+        heartbeat, dead_after = self.heartbeat, self.dead_after
+        nxt = now + heartbeat
+        changed = False
+        for conn in list(self.conns):
+            if conn.state == BACKOFF:
+                if conn.removed:
+                    self._remove(conn)
+                    continue
+                if now < conn.reconnect_at:
+                    nxt = min(nxt, conn.reconnect_at)
+                    continue
+                self._open(conn, now)
+            elif now - conn.last_recv >= dead_after:
+                changed = True
+                if conn.state == DRAINING or conn.removed:
+                    log.warning("broker %s silent while draining: giving up on it", conn.endpoint)
+                    self._remove(conn)
+                    continue
+                heard = conn.confirmed
+                self._close(conn, 0)
+                delay = conn.schedule_reconnect(now)
+                if heard:
+                    log.warning("broker %s silent for %.1f s: reconnecting", conn.endpoint, dead_after)
+                else:  # never answered this connection: down, or not started yet
+                    log.info("no answer from broker %s: retrying in %.1f s", conn.endpoint, delay)
+                nxt = min(nxt, conn.reconnect_at)
+                continue
+            elif conn.state == DRAINING:
+                if (conn.drain_acked and conn.owed == 0) or now >= conn.drain_deadline:
+                    self._finish(conn, now)
+                    continue
+                nxt = min(nxt, conn.drain_deadline)
+            if now - conn.last_send >= heartbeat:
+                conn.heartbeat(now)
+            nxt = min(nxt, conn.last_send + heartbeat, conn.last_recv + dead_after)
+        if changed:
+            self._rebalance(now)
+        if self.stopping and not self.conns:
+            self._finished = True
+        return nxt
+
+    def _open(self, conn: BrokerConnection, now: float) -> None:
+        assert self._ctx is not None
+        # Until the broker confirms us, take only capacity no other broker holds.
+        others = sum(c.share for c in self.conns if c is not conn and c.state == ACTIVE)
+        share = max(0, self.capacity - others)
+        ready = encode_ready(self.service, share, self.weight, self.meta)
+        sock = conn.open(self._ctx, ready, share, now)
+        self._poller.register(sock, zmq.POLLIN)
+        self._by_sock[sock] = conn
+        log.info("connecting to broker %s (connection %d), capacity %d", conn.endpoint, conn.generation, share)
+
+    def _confirm(self, conn: BrokerConnection, now: float) -> None:
+        conn.confirmed = True
+        conn.attempt = 0
+        log.info("registered with broker %s", conn.endpoint)
+        self._rebalance(now)
+
+    def _close(self, conn: BrokerConnection, linger_ms: int) -> None:
+        sock = conn.sock
+        if sock is not None:
+            self._poller.unregister(sock)
+            del self._by_sock[sock]
+            conn.close(linger_ms)
+
+    def _remove(self, conn: BrokerConnection, linger_ms: int = 0) -> None:
+        self._close(conn, linger_ms)
+        conn.removed = True
+        conn.state = BACKOFF
+        if conn in self.conns:
+            self.conns.remove(conn)
+
+    def _on_disconnect(self, conn: BrokerConnection, now: float) -> None:
+        if conn.state == DRAINING or conn.removed:
+            log.info("broker %s dropped us while draining", conn.endpoint)
+            self._remove(conn)
+        else:
+            log.info("broker %s does not know us (DISCONNECT): registering again", conn.endpoint)
+            self._close(conn, 0)
+            conn.schedule_reconnect(now)
+            self._rebalance(now)
+        self._dirty = True
+
+    def _begin_drain(self, conn: BrokerConnection, now: float, deadline: float) -> None:
+        conn.removed = True
+        if conn.state == BACKOFF:
+            self._remove(conn)
+        elif conn.state == ACTIVE:
+            if not conn.confirmed and conn.owed == 0:  # nothing received: nothing to drain
+                conn.send((SIGNATURE, encode_disconnect("stopping")), now)
+                self._remove(conn, _DISCONNECT_LINGER_MS)
+                return
+            conn.send(_DRAIN_FRAMES, now)
+            conn.state = DRAINING
+            conn.share = 0
+            conn.drain_deadline = deadline
+            log.info("draining broker %s (%d requests owed)", conn.endpoint, conn.owed)
+
+    def _finish(self, conn: BrokerConnection, now: float) -> None:
+        drained = conn.drain_acked and conn.owed == 0
+        if not drained:
+            log.warning(
+                "drain of broker %s timed out (%s, %d replies owed)",
+                conn.endpoint, "acknowledged" if conn.drain_acked else "no acknowledgement", conn.owed,
+            )  # fmt: skip
+        conn.send((SIGNATURE, encode_disconnect("drained" if drained else "drain timeout")), now)
+        self._remove(conn, _DISCONNECT_LINGER_MS)
+        log.info("disconnected from broker %s", conn.endpoint)
+
+    def _start_stop(self, now: float) -> None:
+        self.stopping = True
+        self.stop_deadline = now + self.drain_timeout
+        log.info("stopping: draining %d broker connection(s)", len(self.conns))
+        for conn in list(self.conns):
+            self._begin_drain(conn, now, self.stop_deadline)
+
+    def _apply_brokers(self, endpoints: list[str], now: float) -> None:
+        current = {c.endpoint: c for c in self.conns if not c.removed}
+        for endpoint, conn in current.items():
+            if endpoint not in endpoints:
+                log.info("broker %s no longer listed", endpoint)
+                self._begin_drain(conn, now, now + self.drain_timeout)
+        for order, endpoint in enumerate(endpoints):
+            known = current.get(endpoint)
+            if known is None:
+                log.info("broker %s added", endpoint)
+                self.conns.append(BrokerConnection(endpoint, order))
+            else:
+                known.order = order
+        self._rebalance(now)
+
+    def _rebalance(self, now: float) -> None:
+        """Split the capacity over the confirmed brokers; UPDATE those whose share changed.
+
+        Unconfirmed connections keep what they announced in READY (only capacity nobody else
+        held), so the shares never sum to more than the capacity. Decreases go out first.
+        """
+        if self.stopping:
+            return
+        active = sorted((c for c in self.conns if c.state == ACTIVE), key=lambda c: c.order)
+        confirmed = [c for c in active if c.confirmed]
+        if not confirmed:
+            return
+        reserved = sum(c.share for c in active if not c.confirmed)
+        shares = split_capacity(self.capacity - reserved, len(confirmed))
+        changes = [(c, s) for c, s in zip(confirmed, shares, strict=True) if c.share != s]
+        changes.sort(key=lambda cs: cs[1] - cs[0].share)
+        for conn, share in changes:
+            log.info("broker %s: capacity %d -> %d", conn.endpoint, conn.share, share)
+            conn.share = share
+            conn.send((SIGNATURE, encode_update(share, self.weight)), now)

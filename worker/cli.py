@@ -1,0 +1,130 @@
+"""The ``zrouter-worker`` command: serve ``module:function`` for a service.
+
+    zrouter-worker --service echo --broker tcp://127.0.0.1:5556 --capacity 4 --weight 1 \\
+        --heartbeat 1.0 --liveness 3 worker.examples:echo
+
+``--broker`` may be repeated (or comma-separated) for several brokers. ``--delay SECONDS`` (or
+ZROUTER_WORKER_DELAY) makes every call sleep first: a slow worker for tests and demos.
+SIGINT/SIGTERM drain the worker and exit 0 (a second signal stops without waiting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import importlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ._core import DEFAULT_BROKER, Worker, _is_async
+
+__all__ = ["build_parser", "load_handler", "main", "with_delay"]
+
+DELAY_ENV = "ZROUTER_WORKER_DELAY"
+
+
+def load_handler(spec: str) -> Callable[[Any], Any]:
+    """``"package.module:function"`` (or ``module:obj.attr``) to the callable it names."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"handler must look like module:function, got {spec!r}")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{spec} is not callable")
+    handler: Callable[[Any], Any] = obj
+    return handler
+
+
+def with_delay(handler: Callable[[Any], Any], delay: float) -> Callable[[Any], Any]:
+    """``handler`` made to wait ``delay`` seconds before each call (sleep, or asyncio.sleep)."""
+    if delay <= 0:
+        return handler
+    if _is_async(handler):
+
+        @functools.wraps(handler)
+        async def slow_async(payload: Any) -> Any:
+            await asyncio.sleep(delay)
+            return await handler(payload)
+
+        return slow_async
+
+    @functools.wraps(handler)
+    def slow(payload: Any) -> Any:
+        time.sleep(delay)
+        return handler(payload)
+
+    return slow
+
+
+def _meta_item(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--meta wants KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _default_delay() -> float:
+    try:
+        return float(os.environ.get(DELAY_ENV, "0") or 0)
+    except ValueError:
+        return 0.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zrouter-worker", description="Serve module:function for a zrouter service.")
+    p.add_argument("handler", help="the handler, as module:function")
+    p.add_argument("--service", required=True, help="service name")
+    p.add_argument(
+        "--broker", action="append", default=None, metavar="ENDPOINT",
+        help=f"broker endpoint; repeat or comma-separate for several (default {DEFAULT_BROKER})",
+    )  # fmt: skip
+    p.add_argument("--capacity", type=int, default=1, help="requests in flight at once (default 1)")
+    p.add_argument("--weight", type=int, default=1, help="dispatch weight (default 1)")
+    p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval, s (default 1.0)")
+    p.add_argument("--liveness", type=int, default=3, help="missed heartbeats before reconnecting")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="bound on a graceful stop, s")
+    p.add_argument("--meta", type=_meta_item, action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--delay", type=float, default=_default_delay(), metavar="SECONDS",
+        help=f"sleep before every call (a slow worker; default ${DELAY_ENV} or 0)",
+    )  # fmt: skip
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=str(args.log_level).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        handler = with_delay(load_handler(args.handler), args.delay)
+    except (ImportError, AttributeError, ValueError, TypeError) as exc:
+        parser.error(f"cannot load handler {args.handler!r}: {exc}")
+    brokers = [ep.strip() for item in (args.broker or [DEFAULT_BROKER]) for ep in item.split(",")]
+    try:
+        worker = Worker(
+            args.service,
+            handler,
+            broker=[ep for ep in brokers if ep],
+            capacity=args.capacity,
+            weight=args.weight,
+            heartbeat_interval=args.heartbeat,
+            liveness=args.liveness,
+            meta=dict(args.meta),
+            drain_timeout=args.drain_timeout,
+        )
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+    worker.run()
+    return 0
