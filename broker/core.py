@@ -88,6 +88,7 @@ class Broker:
             max_attempts=config.max_attempts,
             grace=config.grace,
             liveness_timeout=config.heartbeat_interval * config.liveness,
+            liveness=config.liveness,
         )
         self.front: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)
         self.back: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)

@@ -81,6 +81,7 @@ class Router:
         max_attempts: int = 3,
         grace: float = 1.0,
         liveness_timeout: float = 3.0,
+        liveness: int = 3,
         rng: random.Random | None = None,
     ) -> None:
         self.sink = sink
@@ -92,6 +93,7 @@ class Router:
         self.max_attempts = max_attempts
         self.grace = grace
         self.liveness_timeout = liveness_timeout
+        self.liveness = liveness
         self.rng = rng or random.Random()
         self.services: dict[str, Service] = {}
         self.workers: dict[bytes, WorkerState] = {}
@@ -206,6 +208,7 @@ class Router:
         if stale is not None and stale.ident in self.workers:
             # Same instance on a new connection (it reconnected before we noticed it left).
             self.remove_worker(stale, "replaced by a new connection of the same instance", now)
+        w.silence_limit = self._silence_limit(w)
         self.workers[ident] = w
         self.by_instance[w.instance] = w
         svc.workers[ident] = w
@@ -219,6 +222,20 @@ class Router:
         )
         self._pump(svc, now)
         return w
+
+    def _silence_limit(self, w: WorkerState) -> float:
+        """The broker's liveness timeout, stretched for a worker that heartbeats more slowly, so a
+        misconfigured pair degrades to slower failure detection instead of endless reconnects."""
+        try:
+            theirs = int(w.meta.get("heartbeat_ms", "0")) / 1000.0
+        except ValueError:
+            theirs = 0.0
+        ours = self.liveness_timeout / self.liveness
+        if theirs and abs(theirs - ours) > 1e-3:
+            log.warning("worker %s heartbeats every %.3gs but this broker every %.3gs: use one --heartbeat "
+                        "for both (a worker expecting faster heartbeats will keep reconnecting)",
+                        w.instance, theirs, ours)
+        return max(self.liveness_timeout, theirs * self.liveness)
 
     def seen(self, ident: bytes, now: float) -> WorkerState | None:
         """Any message from a worker proves it alive; None if we do not know it."""
@@ -350,7 +367,7 @@ class Router:
 
     def tick(self, now: float, heartbeat: bool = True) -> None:
         """Expire queued requests and silent workers; send heartbeats when asked."""
-        for w in [w for w in self.workers.values() if now - w.last_seen > self.liveness_timeout]:
+        for w in [w for w in self.workers.values() if now - w.last_seen > w.silence_limit]:
             self.remove_worker(w, f"no heartbeat for {now - w.last_seen:.1f}s", now)
         if heartbeat:
             for w in list(self.workers.values()):

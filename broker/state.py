@@ -72,6 +72,7 @@ class WorkerState:
         "ewma",
         "ewma_at",
         "fd",
+        "silence_limit",
         "health_weight",
         "healthy",
         "ident",
@@ -112,6 +113,7 @@ class WorkerState:
         self.in_policy = False
         self.counted = False  # included in its service's n_routable
         self.fd = -1
+        self.silence_limit = 0.0  # seconds without a message before the broker gives up on it
         self.meta = meta
         self.served = 0
 

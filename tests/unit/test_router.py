@@ -314,3 +314,13 @@ def test_every_policy_keeps_credits_and_answers_each_request_once(policy: str) -
             for rid in list(w.inflight):
                 reply(r, w.ident, rid, now=now)
     assert set(sink.replies()) == set(range(next_crid))
+
+
+def test_a_worker_heartbeating_slower_than_the_broker_gets_a_longer_silence_limit() -> None:
+    r, _ = make(liveness_timeout=0.6, liveness=3)
+    r.worker_ready(b"slow", p.Ready("svc", 1, 1, {"instance": "slow", "heartbeat_ms": "1000"}), 0.0)
+    r.worker_ready(b"same", p.Ready("svc", 1, 1, {"instance": "same", "heartbeat_ms": "200"}), 0.0)
+    r.tick(2.0, heartbeat=False)
+    assert set(r.workers) == {b"slow"}
+    r.tick(3.1, heartbeat=False)
+    assert r.workers == {}
