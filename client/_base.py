@@ -1,0 +1,441 @@
+"""Everything a zrouter client does that never waits, shared by ``Client`` and ``AsyncClient``.
+
+The two front ends differ only in *how they wait* (the sync one polls from the calling thread,
+the async one parks a reader task on the sockets' file descriptors). Everything else lives
+here, so both behave the same and the logic can be tested without sockets or sleeps:
+
+- request ids, request frames, the pending table (rid -> entry) with a deadline heap;
+- turning a reply's frames into a value or an exception and settling its entry;
+- expiring entries whose deadline passed;
+- what happens to requests when a broker's connection drops (idempotent ones are re-sent to
+  another broker, the others fail), and a queue of requests waiting for any broker.
+
+The broker connections themselves (sockets, up/down state, picking one) are in ``_brokers.py``.
+Every method takes ``now`` (a ``time.monotonic()`` value; asyncio's ``loop.time()`` is the
+same clock) instead of reading a clock, so tests can drive time by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from heapq import heapify, heappop, heappush
+from typing import Any, Final
+
+import zmq
+
+from client._brokers import BrokerConn, BrokerSet, SocketFactory
+from zrouter.errors import ClientClosed, MessageTooLarge, ProtocolError, RequestTimeout, WorkerLost
+from zrouter.protocol import (
+    FLAG_IDEMPOTENT,
+    REPLY,
+    SIGNATURE,
+    STATUS_OK,
+    decode_header,
+    decode_payload,
+    encode_payload,
+    encode_request,
+    error_for_status,
+    parse_reply,
+)
+from zrouter.transport import NOBLOCK, recv_frames, send_frames
+
+__all__ = ["DEFAULT_BROKER", "DEFAULT_TIMEOUT", "ClientCore", "Entry", "request_frames"]
+
+log = logging.getLogger("zrouter.client")
+
+DEFAULT_BROKER: Final = "tcp://127.0.0.1:5555"
+DEFAULT_TIMEOUT: Final = 10.0
+
+# While requests wait for a broker that is "up" but refused the send (its disconnect event is
+# still in flight), look again after this long instead of waiting for an event that already came.
+_RESEND_RETRY: Final = 0.05
+
+_EVENTS: Final = int(zmq.EVENTS)
+_POLLIN: Final = int(zmq.POLLIN)
+
+
+class Entry:
+    """One request, from submission to its single outcome (the front ends subclass it)."""
+
+    __slots__ = (
+        "_done",
+        "_error",
+        "_value",
+        "attempt",
+        "conn",
+        "deadline",
+        "flags",
+        "key",
+        "payload",
+        "rid",
+        "service",
+        "timeout",
+    )
+
+    rid: int
+    service: str
+    flags: int
+    key: bytes | str | None
+    payload: Any
+    timeout: float
+    deadline: float
+
+    def __init__(self) -> None:
+        self.attempt = 0
+        self.conn: BrokerConn | None = None
+        self._done = False
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def _settle(self, value: Any, error: BaseException | None) -> None:
+        """Record the outcome; called exactly once, by the core. Subclasses also wake a waiter."""
+        self._done = True
+        self._value = value
+        self._error = error
+        self.payload = None  # the frame was only kept for a re-send
+
+
+def request_frames(entry: Entry, now: float) -> tuple[bytes, bytes, Any]:
+    """The frames of ``entry``'s REQUEST, telling the broker the time that remains."""
+    # Round up (a request with 0.4 ms left must not become timeout_ms=0, invalid on the wire),
+    # but not a whole-millisecond timeout that float arithmetic put a hair above its value.
+    ms = int((entry.deadline - now) * 1000.0 + 0.999)
+    header = encode_request(entry.rid, entry.service, ms if ms > 0 else 1, entry.attempt, entry.flags, entry.key)
+    return (SIGNATURE, header, entry.payload)
+
+
+class ClientCore:
+    """The state of one client; see the module docstring. Not thread-safe, like a zmq socket."""
+
+    def __init__(
+        self,
+        brokers: str | Iterable[str],
+        connect: SocketFactory,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_message_size: int | None = None,
+        watch: Callable[[Any], None] | None = None,
+        unwatch: Callable[[Any], None] | None = None,
+    ) -> None:
+        if not timeout > 0:  # also refuses NaN
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        if max_message_size is not None and max_message_size <= 0:
+            raise ValueError(f"max_message_size must be > 0 or None, got {max_message_size!r}")
+        self.timeout = float(timeout)
+        self.max_message_size = max_message_size
+        self.pending: dict[int, Entry] = {}
+        # (deadline, rid, entry); settled entries are left in place and skipped when popped, and
+        # the heap is rebuilt when they outnumber live ones (see _compact).
+        self._deadlines: list[tuple[float, int, Entry]] = []
+        self._waiting: deque[Entry] = deque()  # not sent: no broker connected when they were due
+        self._next_rid = 1
+        self.closed = False
+        # Called after a broker connection comes up or drops (AsyncClient wakes its waiters).
+        self.on_connection_change: Callable[[], None] | None = None
+        self._brokers = BrokerSet(connect, self._broker_up, self._broker_down, watch, unwatch)
+        try:
+            self._brokers.set(brokers)
+        except BaseException:  # e.g. a malformed endpoint: do not leak the sockets made so far
+            self._brokers.close_all()
+            raise
+
+    # -- brokers ------------------------------------------------------------------------------
+
+    @property
+    def brokers(self) -> list[str]:
+        return list(self._brokers.conns)
+
+    @property
+    def connected(self) -> list[str]:
+        return [c.endpoint for c in self._brokers.up]
+
+    def connection(self, endpoint: str) -> BrokerConn | None:
+        """The active connection to ``endpoint``, if any (for inspection and tests)."""
+        return self._brokers.conns.get(endpoint)
+
+    @property
+    def sockets(self) -> list[Any]:
+        """Every socket that must be watched for input (data and monitor sockets)."""
+        return list(self._brokers.socks)
+
+    def add_broker(self, endpoint: str) -> None:
+        """Connect to one more broker (no-op if already there; revives one being removed)."""
+        if self.closed:
+            raise ClientClosed("client is closed")
+        self._brokers.add(endpoint)
+
+    def remove_broker(self, endpoint: str) -> None:
+        """Send nothing new to ``endpoint``; its pending requests may still be answered there.
+
+        The connection closes once they settle. If it drops before, they are handled like any
+        lost connection (idempotent ones re-sent elsewhere). Unknown endpoints are ignored.
+        """
+        self._brokers.remove(endpoint)
+
+    def set_brokers(self, endpoints: str | Iterable[str]) -> None:
+        """Follow a new broker list (discovery): add the new ones, remove the missing ones."""
+        if self.closed:
+            raise ClientClosed("client is closed")
+        self._brokers.set(endpoints)
+
+    def connection_event(self, conn: BrokerConn, event: int, now: float) -> None:
+        """Apply one monitor event to ``conn`` (public so tests can feed events)."""
+        self._brokers.event(conn, event, now)
+
+    def read_monitors(self, now: float) -> None:
+        self._brokers.read_monitors(now)
+
+    def _broker_up(self, conn: BrokerConn, now: float) -> None:
+        self._flush(now)
+        if self.on_connection_change is not None:
+            self.on_connection_change()
+
+    def _broker_down(self, conn: BrokerConn, now: float) -> None:
+        # With IMMEDIATE the pipe (and anything still queued in it) is gone, and whatever the
+        # broker held for us is unroutable: our next connection gets a new routing id.
+        lost = [e for e in self.pending.values() if e.conn is conn]
+        for entry in lost:
+            entry.conn = None
+            self._brokers.release(conn)
+            if entry.flags & FLAG_IDEMPOTENT:
+                entry.attempt += 1
+                self._send(entry, now)
+            else:
+                self.pending.pop(entry.rid, None)
+                entry._settle(None, WorkerLost("broker connection lost; outcome unknown"))
+        if lost:
+            log.info("%d request(s) pending on %s re-sent or failed", len(lost), conn.endpoint)
+        if self.on_connection_change is not None:
+            self.on_connection_change()
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def start(
+        self,
+        entry: Entry,
+        service: str,
+        payload: Any,
+        timeout: float | None,
+        idempotent: bool,
+        key: bytes | str | None,
+        now: float,
+    ) -> BrokerConn | None:
+        """Register ``entry`` and send it; returns the connection used (None: it waits)."""
+        if self.closed:
+            raise ClientClosed("client is closed")
+        if type(service) is not str or not service:
+            raise ValueError(f"service must be a non-empty string, got {service!r}")
+        if key is not None and not isinstance(key, (bytes, str)):
+            raise TypeError(f"key must be bytes, str or None, got {type(key).__name__}")
+        if timeout is None:
+            timeout = self.timeout
+        elif not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        flags, frame = encode_payload(payload)
+        limit = self.max_message_size
+        if limit is not None:
+            size = frame.nbytes if type(frame) is memoryview else len(frame)
+            if size > limit:
+                raise MessageTooLarge(f"request payload is {size} bytes, over the {limit}-byte limit")
+        if idempotent:
+            flags |= FLAG_IDEMPOTENT
+        rid = self._next_rid
+        self._next_rid = rid + 1
+        entry.rid = rid
+        entry.service = service
+        entry.flags = flags
+        entry.key = key
+        entry.payload = frame
+        entry.timeout = timeout
+        deadline = entry.deadline = now + timeout
+        self.pending[rid] = entry
+        heap = self._deadlines
+        if len(heap) > 64 + 2 * len(self.pending):
+            self._compact()
+            heap = self._deadlines
+        heappush(heap, (deadline, rid, entry))
+        if not self._brokers.up and self._brokers.conns:
+            # The handshake may have completed since anyone last read the monitors.
+            self._brokers.read_monitors(now)
+        return self._send(entry, now)
+
+    def _send(self, entry: Entry, now: float) -> BrokerConn | None:
+        conn = self._brokers.pick()
+        if conn is None:
+            self._waiting.append(entry)
+            return None
+        frames = request_frames(entry, now)
+        try:
+            send_frames(conn.sock, frames, NOBLOCK)
+        except zmq.Again:
+            # Disconnected a moment ago (its event is on the way): try the others.
+            for other in self._brokers.up:
+                if other is conn:
+                    continue
+                try:
+                    send_frames(other.sock, frames, NOBLOCK)
+                except zmq.Again:
+                    continue
+                conn = other
+                break
+            else:
+                self._waiting.append(entry)
+                return None
+        entry.conn = conn
+        conn.pending += 1
+        return conn
+
+    def cancel(self, entry: Entry) -> None:
+        """Forget ``entry`` (its waiter gave up); a reply that still comes is dropped."""
+        if not entry._done:
+            self._finish(entry, None, None)
+
+    def _finish(self, entry: Entry, value: Any, error: BaseException | None) -> None:
+        self.pending.pop(entry.rid, None)
+        conn = entry.conn
+        if conn is not None:
+            entry.conn = None
+            self._brokers.release(conn)
+        entry._settle(value, error)
+
+    def handle_reply(self, frames: Sequence[zmq.Frame]) -> None:
+        """Settle the entry a reply is for; drop what cannot be matched to a request."""
+        if len(frames) < 2 or frames[0].bytes != SIGNATURE:
+            log.warning("dropping a message that is not a zrouter reply (%d frames)", len(frames))
+            return
+        try:
+            header = decode_header(frames[1].bytes)
+        except ProtocolError as exc:
+            log.warning("dropping a reply with an undecodable header: %s", exc)
+            return
+        rid = header[1] if len(header) > 1 else None
+        if header[0] != REPLY or type(rid) is not int:
+            log.warning("dropping a message that is not a REPLY: header %.80r", header)
+            return
+        entry = self.pending.pop(rid, None)
+        if entry is None:
+            # Normal after a local timeout, a cancel or a re-send answered twice.
+            log.debug("dropping reply for unknown request id %d (late or duplicate)", rid)
+            return
+        conn = entry.conn
+        if conn is not None:
+            entry.conn = None
+            self._brokers.release(conn)
+        try:
+            reply = parse_reply(header)
+            if reply.status != STATUS_OK:
+                entry._settle(None, error_for_status(reply.status, reply.message, reply.error_type))
+                return
+            if len(frames) < 3:
+                raise ProtocolError("OK reply without a payload frame")
+            body = frames[2]
+            limit = self.max_message_size
+            if limit is not None and len(body) > limit:
+                raise MessageTooLarge(f"reply payload is {len(body)} bytes, over the {limit}-byte limit")
+            value = decode_payload(reply.flags, body.bytes)
+        except ProtocolError as exc:
+            entry._settle(None, exc)
+            return
+        entry._settle(value, None)
+
+    def expire(self, now: float) -> None:
+        """Fail every pending request whose deadline is ``now`` or earlier."""
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            entry = heappop(heap)[2]
+            if not entry._done:
+                msg = f"no reply from {entry.service!r} within {entry.timeout:g} s"
+                self._finish(entry, None, RequestTimeout(msg))
+
+    def _compact(self) -> None:
+        self._deadlines = [(e.deadline, e.rid, e) for e in self.pending.values()]
+        heapify(self._deadlines)
+
+    def next_wakeup(self, now: float) -> float | None:
+        """When the core next needs attention without any input (a deadline or a retry)."""
+        heap = self._deadlines
+        while heap and heap[0][2]._done:
+            heappop(heap)
+        at = heap[0][0] if heap else None
+        if self._waiting and self._brokers.up:
+            retry = now + _RESEND_RETRY
+            if at is None or retry < at:
+                at = retry
+        return at
+
+    def _flush(self, now: float) -> None:
+        if not self._waiting or not self._brokers.up:
+            return
+        waiting = self._waiting
+        self._waiting = deque()
+        for entry in waiting:
+            if not entry._done:
+                self._send(entry, now)
+
+    # -- input --------------------------------------------------------------------------------
+
+    def on_readable(self, sock: Any, now: float) -> None:
+        """Handle everything queued on one socket (a data socket or a monitor)."""
+        item = self._brokers.socks.get(sock)
+        if item is None:
+            return  # closed earlier in this round
+        conn, is_monitor = item
+        if is_monitor:
+            self._brokers.read_monitor(conn, now)
+        else:
+            self._drain(conn)
+
+    def _drain(self, conn: BrokerConn) -> None:
+        # EAGAIN costs ~4 us (pyzmq builds an exception, importing inside it), an EVENTS read
+        # ~1.5 us: after the first message ask EVENTS (one-at-a-time traffic stops there), and
+        # if more is queued, receive until EAGAIN (one exception for a whole pipelined burst).
+        sock = conn.sock
+        handle = self.handle_reply
+        try:
+            handle(recv_frames(sock, NOBLOCK))
+            if conn.closed or not sock.get(_EVENTS) & _POLLIN:
+                return
+            while not conn.closed:
+                handle(recv_frames(sock, NOBLOCK))
+        except zmq.Again:  # drained (or woken for input someone else already took)
+            return
+
+    def pump(self, now: float) -> None:
+        """Handle all input on every socket, then :meth:`tick` (the async reader's round)."""
+        for sock, (conn, is_monitor) in list(self._brokers.socks.items()):
+            # EVENTS first: cheaper than a failing recv, and it re-arms the edge-triggered fd.
+            if not conn.closed and sock.get(_EVENTS) & _POLLIN:
+                if is_monitor:
+                    self._brokers.read_monitor(conn, now)
+                else:
+                    self._drain(conn)
+        self.tick(now)
+
+    def readable(self) -> bool:
+        """Whether any socket has input queued (a send may have consumed its fd's edge)."""
+        return any(sock.get(_EVENTS) & _POLLIN for sock in self._brokers.socks)
+
+    def tick(self, now: float) -> None:
+        """Time-driven work: expire deadlines, retry waiting requests, close drained brokers."""
+        heap = self._deadlines
+        if heap and heap[0][0] <= now:
+            self.expire(now)
+        if self._waiting and self._brokers.up:
+            self._flush(now)
+        self._brokers.retire_idle()
+
+    def close(self) -> None:
+        """Fail every pending request with ClientClosed and close every socket."""
+        if self.closed:
+            return
+        self.closed = True
+        entries = list(self.pending.values())
+        self.pending.clear()
+        self._deadlines.clear()
+        self._waiting.clear()
+        for entry in entries:
+            entry.conn = None
+            entry._settle(None, ClientClosed("client closed before the reply arrived"))
+        self._brokers.close_all()
