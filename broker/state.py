@@ -72,7 +72,6 @@ class WorkerState:
         "ewma",
         "ewma_at",
         "fd",
-        "silence_limit",
         "health_weight",
         "healthy",
         "ident",
@@ -84,6 +83,7 @@ class WorkerState:
         "outstanding",
         "served",
         "service",
+        "silence_limit",
         "weight",
     )
 

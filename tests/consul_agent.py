@@ -186,7 +186,7 @@ class ConsulAgent:
 
     def _spawn(self) -> None:
         self._log_dir.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "ab")
         self._log.write(f"\n=== start {' '.join(self._command())}\n".encode())
         self._log.flush()
         self._proc = subprocess.Popen(
