@@ -214,8 +214,13 @@ class Broker:
             events = dict(poller.poll(timeout))
             now = time.monotonic()
             if self.monitor in events:
+                # A worker's last messages (its final replies, its DISCONNECT) are queued before
+                # the event of its connection closing: read them first, or a worker that exits
+                # right after a clean drain would have requests it answered judged lost.
+                while self._drain_backend(now):
+                    pass
                 self._drain_monitor(now)
-            if self.back in events:
+            elif self.back in events:
                 self._drain_backend(now)
             if self.front in events:
                 self._drain_frontend(now)
@@ -264,17 +269,19 @@ class Broker:
                 if w is not None:
                     self.router.remove_worker(w, "connection closed", now)
 
-    def _drain_backend(self, now: float) -> None:
+    def _drain_backend(self, now: float) -> bool:
+        """Handle up to BATCH worker messages; True if there may be more."""
         back = self.back
         for _ in range(BATCH):
             try:
                 frames = recv_frames(back, NOBLOCK)
             except zmq.Again:
-                return
+                return False
             try:
                 self._on_worker_message(frames, now)
             except (ProtocolError, IndexError, TypeError, ValueError) as exc:
                 log.warning("bad message from worker %s: %s", frames[0].bytes.hex(), exc)
+        return True
 
     def _on_worker_message(self, frames: list[zmq.Frame], now: float) -> None:
         router = self.router

@@ -137,6 +137,40 @@ def test_broker_never_sends_a_worker_more_than_its_capacity(procs: ProcessGroup,
         assert [x.result() for x in pending] == [b"ok"] * 6
 
 
+def test_reply_sent_just_before_a_worker_leaves_is_delivered(procs: ProcessGroup, ctx: zmq.Context[Any]) -> None:
+    """A draining worker's last REPLY, its DISCONNECT and the close of its connection arrive
+    together; the broker must read the messages before acting on the close, or the request
+    (non-idempotent here) would be answered "worker lost" although its reply was right there."""
+    broker = procs.broker(heartbeat=5.0)  # the scripted workers send no heartbeats
+
+    def next_command(w: zmq.Socket[Any], cmd: int, keep_going: Any) -> list[Any]:
+        deadline = time.monotonic() + 10
+        while True:  # skipping the broker's heartbeats
+            keep_going()  # a sync client does its I/O when called
+            assert time.monotonic() < deadline, f"command {cmd} never came"
+            if w.poll(10):
+                header = p.decode_header(_recv(w)[1])
+                if header[0] == cmd:
+                    return header
+
+    with Client(broker.frontend, timeout=10) as client:
+        for i in range(100):
+            w = ctx.socket(zmq.DEALER)
+            w.linger = 1000
+            w.connect(broker.backend)
+            w.send_multipart([p.SIGNATURE, p.encode_ready("svc", 1, 1, {"instance": f"brief-{i}"})])
+            pending = client.submit("svc", i, idempotent=False)
+            rid = next_command(w, p.REQUEST, pending.done)[1]
+            w.send_multipart([p.SIGNATURE, p.encode_drain()])  # leaving, as a worker does
+            next_command(w, p.DRAIN, pending.done)
+            w.send_multipart([p.SIGNATURE, p.encode_reply(rid), b"done"])
+            w.send_multipart([p.SIGNATURE, p.encode_disconnect("drained")])
+            w.close()
+            assert pending.result() == b"done"
+    broker.wait_for("said goodbye", 100)  # none was taken for a lost connection
+    assert broker.count("connection closed") == 0
+
+
 def _slow_share(procs: ProcessGroup, policy: str) -> float:
     """Share of 240 requests served by the one slow worker (100 ms a request, the others ~0),
     from 6 closed request loops (each sends its next request when its reply is in), with
