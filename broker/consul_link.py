@@ -92,9 +92,17 @@ class ConsulLink:
         assert self.registration is not None
         interval = max(self.ttl / 3.0, 0.2)  # three chances per TTL before the check goes critical
         failing = False
+        first = True
         while not self._stop.is_set():
             try:
-                self.registration.pass_ttl()
+                # register() first: pass_ttl() would register too, but log it as an agent that
+                # forgot us. After that pass_ttl() re-registers if the agent restarts empty.
+                if first:
+                    self.registration.register()
+                    log.info("registered in Consul as %s (%s)", self.registration.service_id, self.broker_service)
+                    first = False
+                else:
+                    self.registration.pass_ttl()
                 if failing:
                     log.info("broker registration in Consul restored")
                 failing = False
@@ -123,10 +131,10 @@ class ConsulLink:
                 self._judge(w, now)
 
     def _apply_status(self, up: bool) -> None:
-        self.up = up
+        before, self.up = self.up, up
         if not up:
             log.warning("Consul unreachable: routing on heartbeats with the last known view")
-        else:
+        elif before is False:  # not on the first answer: nothing was "again" about it
             log.info("Consul reachable again: following its view")
         now = time.monotonic()
         for w in list(self.router.workers.values()):
@@ -150,12 +158,16 @@ class ConsulLink:
             healthy, weight = False, None
             if view is not None and w.instance not in self._warned:
                 self._warned.add(w.instance)
-                log.info("worker %s is connected but not registered in Consul: no new work for it", w.instance)
+                log.info("worker %s is connected but not (yet) registered in Consul: no new work until it is", w.instance)
+        changed = (healthy, weight) != (w.healthy, w.health_weight)
         if apply:
             self.router.set_health(w, healthy, weight, now)
-        else:
+        else:  # joining: the router applies weight and membership right after on_join
             w.healthy = healthy
             w.health_weight = weight
-        if inst is not None and apply:
-            log.debug("worker %s: consul %s%s, weight %s", w.instance, inst.status,
-                      " (maintenance)" if inst.maintenance else "", w.weight)
+        if changed and inst is not None:
+            # One line per change (not per answer), at join too: operators see maintenance,
+            # warnings and weight edits take effect, and tests can wait for them.
+            log.info("worker %s: Consul says %s%s: %s", w.instance, inst.status,
+                     " (maintenance)" if inst.maintenance else "",
+                     f"routable, weight {weight:g}" if weight is not None else "no new work")

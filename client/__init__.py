@@ -9,6 +9,9 @@ ZRouterError subclass that matches a failed reply::
 
     async with AsyncClient("tcp://127.0.0.1:5555") as c:
         await asyncio.gather(*(c.request("square", i) for i in range(100)))
+
+    with Client(consul="127.0.0.1:8500") as c:          # every broker registered in Consul
+        c.request("echo", b"hi")                       # spread over them, failing over
 """
 
 from client._async import AsyncClient

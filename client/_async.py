@@ -21,6 +21,8 @@ import zmq
 
 from client._base import DEFAULT_BROKER, DEFAULT_TIMEOUT, ClientCore, Entry, log
 from client._brokers import DEFAULT_HEARTBEAT, open_broker_sockets
+from client._discovery import BrokerFeed, initial_brokers
+from zrouter.consul import DEFAULT_BROKER_SERVICE
 from zrouter.errors import ClientClosed
 
 __all__ = ["AsyncClient"]
@@ -60,14 +62,24 @@ class AsyncClient:
 
     def __init__(
         self,
-        broker: str | Sequence[str] = DEFAULT_BROKER,
+        broker: str | Sequence[str] | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         max_message_size: int | None = None,
         heartbeat: float | None = DEFAULT_HEARTBEAT,
         context: zmq.Context[Any] | None = None,
+        consul: str | None = None,
+        consul_token: str | None = None,
+        broker_service: str = DEFAULT_BROKER_SERVICE,
     ) -> None:
-        """Same arguments as :class:`client.Client`; ``context`` may be a zmq.asyncio.Context."""
+        """Same arguments as :class:`client.Client`; ``context`` may be a zmq.asyncio.Context.
+
+        With ``consul``, Consul's broker lists arrive on a watcher thread and are applied on the
+        client's event loop (``call_soon_threadsafe``), from the first use of the client on."""
+        broker = initial_brokers(broker, consul, DEFAULT_BROKER)
+        feed = None
+        if consul:
+            feed = BrokerFeed(service=broker_service, consul=consul, token=consul_token, notify=self._feed_changed)
         ctx = zmq.Context.instance() if context is None else context
         if type(ctx) is not zmq.Context:
             # We use plain sockets (see the module docstring) even on a zmq.asyncio context.
@@ -90,6 +102,9 @@ class AsyncClient:
             unwatch=self._unwatch,
         )
         self._core.on_connection_change = self._connection_changed
+        self._feed = feed
+        if feed is not None:
+            feed.start()
 
     def _open(self, endpoint: str) -> tuple[Any, Any]:
         return open_broker_sockets(self._ctx, endpoint, self._heartbeat)
@@ -115,7 +130,25 @@ class AsyncClient:
         for fd in self._fds.values():
             loop.add_reader(fd, self._wake_reader)
         self._reader = loop.create_task(self._run(), name="zrouter-client-reader")
+        self._follow()  # a list that came before there was a loop to hand it to
         return loop
+
+    def _feed_changed(self) -> None:
+        """From the watcher thread: have the loop apply the new list (nothing before the client
+        is bound to a loop: _start() applies it then)."""
+        loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._follow)
+            except RuntimeError:  # the loop is closed: nobody will use this client again
+                pass
+
+    def _follow(self) -> None:
+        feed = self._feed
+        if feed is not None and not self._core.closed:
+            endpoints = feed.take()
+            if endpoints is not None:
+                self._core.set_brokers(endpoints)
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -292,6 +325,9 @@ class AsyncClient:
     def close(self) -> None:
         """Close now (pending requests fail with ClientClosed); prefer ``await aclose()``."""
         self._core.close()
+        feed, self._feed = self._feed, None
+        if feed is not None:
+            feed.close()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

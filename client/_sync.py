@@ -16,6 +16,8 @@ import zmq
 
 from client._base import DEFAULT_BROKER, DEFAULT_TIMEOUT, ClientCore, Entry
 from client._brokers import DEFAULT_HEARTBEAT, open_broker_sockets
+from client._discovery import BrokerFeed, initial_brokers
+from zrouter.consul import DEFAULT_BROKER_SERVICE
 from zrouter.errors import ClientClosed
 
 __all__ = ["Client", "PendingReply"]
@@ -78,19 +80,31 @@ class Client:
 
     def __init__(
         self,
-        broker: str | Sequence[str] = DEFAULT_BROKER,
+        broker: str | Sequence[str] | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         max_message_size: int | None = None,
         heartbeat: float | None = DEFAULT_HEARTBEAT,
         context: zmq.Context[Any] | None = None,
+        consul: str | None = None,
+        consul_token: str | None = None,
+        broker_service: str = DEFAULT_BROKER_SERVICE,
     ) -> None:
-        """Connect (lazily, like zmq) to ``broker``: one endpoint or a list of them.
+        """Connect (lazily, like zmq) to ``broker``: one endpoint or a list of them
+        (default tcp://127.0.0.1:5555).
 
         ``timeout`` is the default per-request deadline in seconds; ``max_message_size`` caps
         request and reply payloads (MessageTooLarge); ``heartbeat`` is the ZMTP ping interval
         that detects a silent broker (None: off); ``context`` defaults to the shared one.
+
+        ``consul`` (``"host:port"`` of a Consul agent), instead of ``broker``, finds the brokers
+        registered there under ``broker_service`` and follows them as they come and go;
+        ``consul_token`` is the ACL token (default ``$CONSUL_HTTP_TOKEN``).
         """
+        broker = initial_brokers(broker, consul, DEFAULT_BROKER)
+        feed = None
+        if consul:
+            feed = BrokerFeed(service=broker_service, consul=consul, token=consul_token, wake_fd=True)
         ctx = zmq.Context.instance() if context is None else context
         if type(ctx) is not zmq.Context:
             # An asyncio (or other) context would hand out sockets whose calls return futures.
@@ -106,6 +120,19 @@ class Client:
             watch=self._watch,
             unwatch=self._unwatch,
         )
+        self._feed = feed
+        if feed is not None:
+            self._poller.register(feed.fileno(), _POLLIN)  # a new list wakes a waiting caller
+            feed.start()
+
+    def _follow(self) -> None:
+        """Apply the broker list Consul delivered since the last look (client/_discovery.py:
+        it arrives on a watcher thread; the sockets are only touched from the caller's)."""
+        feed = self._feed
+        if feed is not None and not self._core.closed:
+            endpoints = feed.take()
+            if endpoints is not None:
+                self._core.set_brokers(endpoints)
 
     def _open(self, endpoint: str) -> tuple[Any, Any]:
         return open_broker_sockets(self._ctx, endpoint, self._heartbeat)
@@ -132,6 +159,8 @@ class Client:
         Raises the ZRouterError subclass matching the reply's status, RequestTimeout when the
         deadline (``timeout`` or the client's default) passes first.
         """
+        if self._feed is not None and self._feed.changed:
+            self._follow()
         entry = PendingReply(self)
         self._core.start(entry, service, payload, timeout, idempotent, key, monotonic())
         if not entry._done:
@@ -150,6 +179,8 @@ class Client:
         key: bytes | str | None = None,
     ) -> PendingReply:
         """Send a request now and return at once; wait later with ``result()`` or :meth:`gather`."""
+        if self._feed is not None and self._feed.changed:
+            self._follow()
         entry = PendingReply(self)
         self._core.start(entry, service, payload, timeout, idempotent, key, monotonic())
         return entry
@@ -193,6 +224,7 @@ class Client:
         core = self._core
         poll = self._poller.poll
         on_readable = core.on_readable
+        feed = self._feed
         now = monotonic()
         limit = None if timeout is None else now + timeout
         while not entry._done:
@@ -215,6 +247,8 @@ class Client:
                     ms = 0
             events = poll(ms)
             now = monotonic()
+            if feed is not None and feed.changed:
+                self._follow()
             for sock, _ in events:
                 on_readable(sock, now)
             core.tick(now)
@@ -223,6 +257,8 @@ class Client:
         core = self._core
         if core.closed:
             return
+        if self._feed is not None and self._feed.changed:
+            self._follow()
         now = monotonic()
         for sock, _ in self._poller.poll(0):
             core.on_readable(sock, now)
@@ -233,6 +269,7 @@ class Client:
     @property
     def brokers(self) -> list[str]:
         """The broker endpoints in use (not those being removed)."""
+        self._follow()
         return self._core.brokers
 
     @property
@@ -262,6 +299,8 @@ class Client:
             ms = _MAX_POLL_MS if wake is None else max(0, min(_MAX_POLL_MS, int((wake - now) * 1000.0) + 1))
             events = self._poller.poll(ms)
             now = monotonic()
+            if self._feed is not None and self._feed.changed:
+                self._follow()
             for sock, _ in events:
                 core.on_readable(sock, now)
             core.tick(now)
@@ -286,6 +325,10 @@ class Client:
     def close(self) -> None:
         """Close every socket; pending requests fail with ClientClosed. Idempotent."""
         self._core.close()
+        feed, self._feed = self._feed, None
+        if feed is not None:
+            self._poller.unregister(feed.fileno())
+            feed.close()
 
     def __enter__(self) -> Client:
         return self

@@ -23,7 +23,10 @@ class Proc:
     def __init__(self, args: Sequence[str], name: str, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.args = list(args)
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # No CONSUL_* from the developer's shell: brokers and workers would track and register in
+        # whatever agent it names. Tests that want Consul pass --consul (or env) explicitly.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_HTTP_")}
+        self.env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self.popen: subprocess.Popen[str] | None = None
@@ -116,11 +119,14 @@ class BrokerProc(Proc):
 
 
 class WorkerProc(Proc):
-    def __init__(self, broker: str, *, service: str = "svc", handler: str = "worker.examples:whoami",
+    """A ``python -m worker``; ``broker`` None leaves the brokers to ``extra`` (``--broker-service``)."""
+
+    def __init__(self, broker: str | None, *, service: str = "svc", handler: str = "worker.examples:whoami",
                  capacity: int = 2, weight: int = 1, delay: float = 0.0, heartbeat: float = 0.2,
                  extra: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
-        args = ["-m", "worker", "--service", service, "--broker", broker, "--capacity", str(capacity),
-                "--weight", str(weight), "--heartbeat", str(heartbeat), "--delay", str(delay), *extra, handler]
+        args = ["-m", "worker", "--service", service, *(["--broker", broker] if broker else []),
+                "--capacity", str(capacity), "--weight", str(weight), "--heartbeat", str(heartbeat),
+                "--delay", str(delay), *extra, handler]
         super().__init__(args, f"worker[{service}]", env)
 
 
@@ -139,7 +145,7 @@ class ProcessGroup:
         self.procs.append(b)
         return b
 
-    def worker(self, broker: BrokerProc | str, **kw: object) -> WorkerProc:
+    def worker(self, broker: BrokerProc | str | None, **kw: object) -> WorkerProc:
         endpoint = broker.backend if isinstance(broker, BrokerProc) else broker
         w = WorkerProc(endpoint, **kw)  # type: ignore[arg-type]
         self.procs.append(w)

@@ -9,15 +9,17 @@ import secrets
 import signal
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 import zmq
 
 from zrouter import __version__
+from zrouter.consul import consul_address
 
 from ._context import current_request
+from ._discovery import BrokerFollower, ConsulRegistration
 from ._engine import Engine
 from ._handlers import AsyncRunner, Runner, SyncPool
 from ._registration import RegistrationTicker
@@ -73,6 +75,15 @@ class Worker:
     ``registration`` (e.g. a Consul registration) gets ``register()`` at start, ``pass_ttl(note)``
     once per heartbeat interval while the worker is healthy and ``deregister()`` at exit, from a
     thread of its own; its exceptions are logged only.
+
+    ``consul`` (``"host:port"`` of a Consul agent; the command line defaults it to
+    ``$CONSUL_HTTP_ADDR``) makes that registration a Consul service instance: the service name,
+    the instance id (service id too), ``tags``, the worker's meta (``instance`` is what the broker
+    matches to this connection), ``weight`` as ``Weights.Passing``, a TTL check passed every
+    heartbeat, and ``DeregisterCriticalServiceAfter`` so a crashed worker's entry is reaped;
+    ``consul_token`` is the ACL token (default ``$CONSUL_HTTP_TOKEN``). ``broker_service``
+    (instead of ``broker``) finds the brokers registered in Consul under that name and follows
+    them as they come and go.
     """
 
     def __init__(
@@ -80,7 +91,7 @@ class Worker:
         service: str,
         handler: Callable[[Any], Any],
         *,
-        broker: str | Sequence[str] = DEFAULT_BROKER,
+        broker: str | Sequence[str] | None = None,
         capacity: int = 1,
         weight: int = 1,
         heartbeat_interval: float = 1.0,
@@ -88,6 +99,10 @@ class Worker:
         meta: dict[str, str] | None = None,
         drain_timeout: float = 30.0,
         registration: object | None = None,
+        consul: str | None = None,
+        consul_token: str | None = None,
+        tags: Iterable[str] = (),
+        broker_service: str | None = None,
     ) -> None:
         if not isinstance(service, str) or not service:
             raise ValueError("service must be a non-empty string")
@@ -101,6 +116,22 @@ class Worker:
             raise ValueError("heartbeat_interval must be > 0 and liveness >= 1")
         if drain_timeout < 0:
             raise ValueError("drain_timeout must be >= 0")
+        consul = consul or None
+        if consul is not None:
+            consul_address(consul)  # a malformed address fails here, not in a background thread
+            if registration is not None:
+                raise ValueError("give consul or registration, not both")
+            if weight < 1:
+                raise ValueError("Consul's Weights cannot say 0: with consul, weight must be >= 1 "
+                                 "(take a worker out with consul maint instead)")
+        if broker_service:
+            if consul is None:
+                raise ValueError("broker_service needs a consul address to look the brokers up in")
+            if broker is not None:
+                raise ValueError("give broker endpoints or broker_service, not both")
+            broker = []  # until Consul answers
+        elif broker is None:
+            broker = DEFAULT_BROKER
         self.service = service
         self.handler = handler
         self.is_async = _is_async(handler)
@@ -121,7 +152,17 @@ class Worker:
             "instance": self.instance_id,
         }
         self._brokers = _endpoints(broker)
+        if consul is not None:
+            registration = ConsulRegistration(
+                service, self.instance_id, consul=consul, token=consul_token, weight=weight, meta=self.meta,
+                tags=tags, heartbeat_interval=heartbeat_interval, liveness=liveness,
+            )  # fmt: skip
         self._registration = registration
+        self._discovery: BrokerFollower | None = None
+        if broker_service:
+            assert consul is not None
+            self._discovery = BrokerFollower(self.set_brokers, service=broker_service, consul=consul,
+                                             token=consul_token)  # fmt: skip
         self._engine = Engine(
             service=service,
             capacity=capacity,
@@ -181,9 +222,13 @@ class Worker:
             self.instance_id, self.service, self.capacity, self.weight,
             "async" if self.is_async else "sync", ", ".join(self._brokers) or "(none yet)",
         )  # fmt: skip
+        if self._discovery is not None:
+            self._discovery.start()  # delivers through set_brokers, which the loop picks up
         try:
             self._engine.run(on_started=ticker.start if ticker is not None else None)
         finally:
+            if self._discovery is not None:
+                self._discovery.stop()
             if ticker is not None:
                 ticker.stop(deregister=True)
             self._restore_signals(previous)

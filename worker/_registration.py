@@ -52,10 +52,12 @@ class RegistrationTicker:
             log.warning("registration %s() failed", method, exc_info=True)
 
     def start(self) -> None:
-        self._call("register")
         self._thread.start()
 
     def _tick(self) -> None:
+        # register() here, not in start(): start() runs on the worker's I/O thread, and a Consul
+        # agent that is slow to answer must not hold up the first broker connection.
+        self._call("register")
         # First pass at once (a TTL check starts critical), then once per interval.
         while True:
             healthy, note = self._status()

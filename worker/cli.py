@@ -5,7 +5,15 @@
 
 ``--broker`` may be repeated (or comma-separated) for several brokers. ``--delay SECONDS`` (or
 ZROUTER_WORKER_DELAY) makes every call sleep first: a slow worker for tests and demos.
+
 SIGINT/SIGTERM drain the worker and exit 0 (a second signal stops without waiting).
+
+With ``--consul HOST:PORT`` (default ``$CONSUL_HTTP_ADDR``; ``--no-consul`` ignores it) the
+worker registers itself in Consul, and ``--broker-service NAME`` (instead of ``--broker``) finds
+the brokers there::
+
+    zrouter-worker --service echo --consul 127.0.0.1:8500 --broker-service zrouter-broker \\
+        --tag blue worker.examples:echo
 """
 
 from __future__ import annotations
@@ -96,6 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"sleep before every call (a slow worker; default ${DELAY_ENV} or 0)",
     )  # fmt: skip
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    g = p.add_argument_group("Consul (optional)")
+    g.add_argument(
+        "--consul", default=os.environ.get("CONSUL_HTTP_ADDR") or None, metavar="HOST:PORT",
+        help="Consul agent to register this worker in (default $CONSUL_HTTP_ADDR)",
+    )  # fmt: skip
+    g.add_argument("--no-consul", action="store_true", help="ignore $CONSUL_HTTP_ADDR")
+    g.add_argument(
+        "--consul-token", default=os.environ.get("CONSUL_HTTP_TOKEN") or None, metavar="TOKEN",
+        help="Consul ACL token (default $CONSUL_HTTP_TOKEN)",
+    )  # fmt: skip
+    g.add_argument("--tag", action="append", default=[], metavar="TAG", help="Consul tag (repeatable)")
+    g.add_argument(
+        "--broker-service", metavar="NAME",
+        help="find the brokers in Consul under this service name (e.g. zrouter-broker) instead of --broker",
+    )  # fmt: skip
     return p
 
 
@@ -111,18 +134,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = with_delay(load_handler(args.handler), args.delay)
     except (ImportError, AttributeError, ValueError, TypeError) as exc:
         parser.error(f"cannot load handler {args.handler!r}: {exc}")
-    brokers = [ep.strip() for item in (args.broker or [DEFAULT_BROKER]) for ep in item.split(",")]
+    consul = None if args.no_consul else args.consul
+    if args.broker_service and args.broker:
+        parser.error("give --broker or --broker-service, not both")
+    if args.broker_service and not consul:
+        parser.error("--broker-service needs --consul (or $CONSUL_HTTP_ADDR)")
+    broker: list[str] | None = None
+    if not args.broker_service:
+        items = [ep.strip() for item in (args.broker or [DEFAULT_BROKER]) for ep in item.split(",")]
+        broker = [ep for ep in items if ep]
     try:
         worker = Worker(
             args.service,
             handler,
-            broker=[ep for ep in brokers if ep],
+            broker=broker,
             capacity=args.capacity,
             weight=args.weight,
             heartbeat_interval=args.heartbeat,
             liveness=args.liveness,
             meta=dict(args.meta),
             drain_timeout=args.drain_timeout,
+            consul=consul,
+            consul_token=args.consul_token,
+            tags=args.tag,
+            broker_service=args.broker_service,
         )
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
