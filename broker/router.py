@@ -100,6 +100,7 @@ class Router:
         self.by_instance: dict[str, WorkerState] = {}
         self.stats = Stats()
         self._next_rid = 1
+        self.n_inflight = 0  # requests held by workers, kept as a count: the loop asks every turn
         self.accepting = True
         # Called with each new worker before it can take work: Consul's verdict applies first.
         self.on_join: Callable[[WorkerState, float], None] | None = None
@@ -166,6 +167,7 @@ class Router:
         req.state = INFLIGHT
         w.inflight[rid] = req
         w.outstanding += 1
+        self.n_inflight += 1
         svc = req.service
         if w.outstanding >= w.capacity:
             svc.policy.remove(w)
@@ -262,6 +264,7 @@ class Router:
             return
         req.state = DONE
         w.outstanding -= 1
+        self.n_inflight -= 1
         w.served += 1
         w.ewma = update_ewma(w.ewma, now - req.sent_at, now - w.ewma_at)
         w.ewma_at = now
@@ -311,6 +314,7 @@ class Router:
         self.stats.workers_left += 1
         held = list(w.inflight.values())
         w.inflight.clear()
+        self.n_inflight -= w.outstanding
         w.outstanding = 0
         requeued = 0
         grace_until = None if svc.n_routable else now + self.grace
@@ -410,6 +414,13 @@ class Router:
             for req in list(w.inflight.values()):
                 self._fail(req, protocol.STATUS_WORKER_LOST, "broker stopped before the worker replied; outcome unknown")
             w.inflight.clear()
+            self.n_inflight -= w.outstanding
+            w.outstanding = 0
 
     def inflight_count(self) -> int:
-        return sum(w.outstanding for w in self.workers.values())
+        return self.n_inflight
+
+    def idle(self) -> bool:
+        """Nothing held by workers and nothing queued: what workers send now is only control
+        traffic (heartbeats, READY, goodbyes), none of which a client is waiting on."""
+        return not self.n_inflight and not any(svc.queue for svc in self.services.values())

@@ -308,6 +308,7 @@ def test_every_policy_keeps_credits_and_answers_each_request_once(policy: str) -
             ready(r, ident, capacity=2, now=now)
         for w in r.workers.values():
             assert w.outstanding == len(w.inflight) <= w.capacity
+        assert r.n_inflight == sum(w.outstanding for w in r.workers.values())
     while any(w.inflight for w in r.workers.values()) or any(s.queue for s in r.services.values()):
         now += 0.001
         for w in list(r.workers.values()):
