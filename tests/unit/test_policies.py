@@ -781,3 +781,22 @@ def test_p2c_load_is_latency_times_outstanding_plus_one() -> None:
     load: Callable[[Endpoint], float] = p2c_ewma.load
     assert load(ep) == COLD_START_EWMA
     assert load(FakeEndpoint(b"y", outstanding=2, ewma=0.05)) == pytest.approx(0.15)
+
+
+def test_p2c_never_forces_a_busy_worker() -> None:
+    """A slow worker still holding requests will report fresh latency when they finish;
+    forcing more onto it only keeps it saturated."""
+    fast, slow = endpoints(2)
+    fast.ewma, slow.ewma = 0.010, 0.500
+    slow.outstanding = 1
+    p = policy_with("p2c-ewma", [fast, slow])
+    assert isinstance(p, p2c_ewma.P2CEwma)
+    now = [100.0]
+    p.clock = lambda: now[0]
+    p.remove(slow)
+    p.add(slow)  # its pick clock starts now
+    now[0] += 10 * FORCE_PICK
+    assert [pick(p) for _ in range(5)] == [fast] * 5
+    slow.outstanding = 0
+    p.changed(slow)
+    assert pick(p) is slow
