@@ -19,9 +19,10 @@ from typing import Any, Final
 
 import zmq
 
-from client._base import DEFAULT_BROKER, DEFAULT_TIMEOUT, ClientCore, Entry, log
-from client._brokers import DEFAULT_HEARTBEAT, open_broker_sockets
-from client._discovery import BrokerFeed, initial_brokers
+from client._base import DEFAULT_TIMEOUT, Entry, log
+from client._brokers import DEFAULT_HEARTBEAT
+from client._common import BaseClient
+from client._discovery import BrokerFeed
 from zrouter.consul import DEFAULT_BROKER_SERVICE
 from zrouter.errors import ClientClosed
 
@@ -53,7 +54,7 @@ class _AsyncEntry(Entry):
                 pass
 
 
-class AsyncClient:
+class AsyncClient(BaseClient):
     """An asyncio zrouter client: ``await request(...)``; pipeline with ``asyncio.gather``.
 
     Mirrors :class:`client.Client`. It binds to the event loop it is first used in, and like
@@ -76,16 +77,9 @@ class AsyncClient:
 
         With ``consul``, Consul's broker lists arrive on a watcher thread and are applied on the
         client's event loop (``call_soon_threadsafe``), from the first use of the client on."""
-        broker = initial_brokers(broker, consul, DEFAULT_BROKER)
         feed = None
         if consul:
             feed = BrokerFeed(service=broker_service, consul=consul, token=consul_token, notify=self._feed_changed)
-        ctx = zmq.Context.instance() if context is None else context
-        if type(ctx) is not zmq.Context:
-            # We use plain sockets (see the module docstring) even on a zmq.asyncio context.
-            ctx = zmq.Context.shadow(ctx.underlying)
-        self._ctx: zmq.Context[Any] = ctx
-        self._heartbeat = heartbeat
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fds: dict[Any, int] = {}  # watched socket -> its ZMQ_FD (unreadable once closed)
         self._reader: asyncio.Task[None] | None = None
@@ -93,21 +87,11 @@ class AsyncClient:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._conn_waiters: list[asyncio.Future[None]] = []
-        self._core = ClientCore(
-            broker,
-            self._open,
-            timeout=timeout,
-            max_message_size=max_message_size,
-            watch=self._watch,
-            unwatch=self._unwatch,
-        )
+        self._setup(broker, timeout=timeout, max_message_size=max_message_size, heartbeat=heartbeat,
+                    context=context, consul=consul, feed=feed)
         self._core.on_connection_change = self._connection_changed
-        self._feed = feed
         if feed is not None:
             feed.start()
-
-    def _open(self, endpoint: str) -> tuple[Any, Any]:
-        return open_broker_sockets(self._ctx, endpoint, self._heartbeat)
 
     def _watch(self, sock: Any) -> None:
         fd = self._fds[sock] = sock.FD
@@ -142,13 +126,6 @@ class AsyncClient:
                 loop.call_soon_threadsafe(self._follow)
             except RuntimeError:  # the loop is closed: nobody will use this client again
                 pass
-
-    def _follow(self) -> None:
-        feed = self._feed
-        if feed is not None and not self._core.closed:
-            endpoints = feed.take()
-            if endpoints is not None:
-                self._core.set_brokers(endpoints)
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -305,22 +282,6 @@ class AsyncClient:
             except asyncio.TimeoutError:
                 return len(self._core.connected) >= count
         return True
-
-    def add_broker(self, endpoint: str) -> None:
-        """Also use ``endpoint`` (no-op if already in use)."""
-        self._core.add_broker(endpoint)
-
-    def remove_broker(self, endpoint: str) -> None:
-        """Stop sending to ``endpoint``; requests pending there may still be answered."""
-        self._core.remove_broker(endpoint)
-
-    def set_brokers(self, endpoints: str | Iterable[str]) -> None:
-        """Use exactly ``endpoints`` from now on (for discovery)."""
-        self._core.set_brokers(endpoints)
-
-    @property
-    def closed(self) -> bool:
-        return self._core.closed
 
     def close(self) -> None:
         """Close now (pending requests fail with ClientClosed); prefer ``await aclose()``."""

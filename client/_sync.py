@@ -14,9 +14,10 @@ from typing import Any, Final
 
 import zmq
 
-from client._base import DEFAULT_BROKER, DEFAULT_TIMEOUT, ClientCore, Entry
-from client._brokers import DEFAULT_HEARTBEAT, open_broker_sockets
-from client._discovery import BrokerFeed, initial_brokers
+from client._base import DEFAULT_TIMEOUT, Entry
+from client._brokers import DEFAULT_HEARTBEAT
+from client._common import BaseClient
+from client._discovery import BrokerFeed
 from zrouter.consul import DEFAULT_BROKER_SERVICE
 from zrouter.errors import ClientClosed
 
@@ -70,7 +71,7 @@ class PendingReply(Entry):
         return f"<PendingReply rid={getattr(self, 'rid', None)} {getattr(self, 'service', None)!r} {state}>"
 
 
-class Client:
+class Client(BaseClient):
     """A blocking zrouter client over one DEALER per broker endpoint.
 
     Not thread-safe (like the zmq sockets it owns): use one Client per thread. Requests may be
@@ -101,41 +102,15 @@ class Client:
         registered there under ``broker_service`` and follows them as they come and go;
         ``consul_token`` is the ACL token (default ``$CONSUL_HTTP_TOKEN``).
         """
-        broker = initial_brokers(broker, consul, DEFAULT_BROKER)
         feed = None
         if consul:
             feed = BrokerFeed(service=broker_service, consul=consul, token=consul_token, wake_fd=True)
-        ctx = zmq.Context.instance() if context is None else context
-        if type(ctx) is not zmq.Context:
-            # An asyncio (or other) context would hand out sockets whose calls return futures.
-            ctx = zmq.Context.shadow(ctx.underlying)
-        self._ctx: zmq.Context[Any] = ctx
-        self._heartbeat = heartbeat
         self._poller = zmq.Poller()
-        self._core = ClientCore(
-            broker,
-            self._open,
-            timeout=timeout,
-            max_message_size=max_message_size,
-            watch=self._watch,
-            unwatch=self._unwatch,
-        )
-        self._feed = feed
+        self._setup(broker, timeout=timeout, max_message_size=max_message_size, heartbeat=heartbeat,
+                    context=context, consul=consul, feed=feed)
         if feed is not None:
             self._poller.register(feed.fileno(), _POLLIN)  # a new list wakes a waiting caller
             feed.start()
-
-    def _follow(self) -> None:
-        """Apply the broker list Consul delivered since the last look (client/_discovery.py:
-        it arrives on a watcher thread; the sockets are only touched from the caller's)."""
-        feed = self._feed
-        if feed is not None and not self._core.closed:
-            endpoints = feed.take()
-            if endpoints is not None:
-                self._core.set_brokers(endpoints)
-
-    def _open(self, endpoint: str) -> tuple[Any, Any]:
-        return open_broker_sockets(self._ctx, endpoint, self._heartbeat)
 
     def _watch(self, sock: Any) -> None:
         self._poller.register(sock, _POLLIN)
@@ -305,22 +280,6 @@ class Client:
                 core.on_readable(sock, now)
             core.tick(now)
         return True
-
-    def add_broker(self, endpoint: str) -> None:
-        """Also use ``endpoint`` (no-op if already in use)."""
-        self._core.add_broker(endpoint)
-
-    def remove_broker(self, endpoint: str) -> None:
-        """Stop sending to ``endpoint``; requests pending there may still be answered."""
-        self._core.remove_broker(endpoint)
-
-    def set_brokers(self, endpoints: str | Iterable[str]) -> None:
-        """Use exactly ``endpoints`` from now on (for discovery)."""
-        self._core.set_brokers(endpoints)
-
-    @property
-    def closed(self) -> bool:
-        return self._core.closed
 
     def close(self) -> None:
         """Close every socket; pending requests fail with ClientClosed. Idempotent."""
