@@ -1,10 +1,10 @@
-"""The worker's I/O thread: one zmq poll loop over every broker DEALER, the replies PULL and a
-wake-up socket pair; it alone touches those sockets.
+"""The worker's I/O thread: one zmq poll loop over every broker DEALER and a wake-up socket
+pair; it alone touches those sockets.
 
-Requests go from here to a handler runner (``_handlers``) as jobs; replies come back over the
-inproc PULL tagged with a ticket that maps to (connection, generation). Other threads talk to
-the loop only through :meth:`Engine.request_stop` and :meth:`Engine.set_brokers`, which set a
-field under a lock and write one byte to the wake-up socket.
+Requests go from here to a handler runner (``_handlers``) as jobs; replies come back through
+:meth:`Engine.post` (a deque, plus a wake-up byte unless one is on its way) tagged with a ticket
+that maps to (connection, generation). Other threads talk to the loop only through ``post``,
+:meth:`Engine.request_stop` and :meth:`Engine.set_brokers` (a field set under a lock, a byte).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from zrouter.protocol import (
 from zrouter.transport import NOBLOCK, recv_frames
 
 from ._connection import ACTIVE, BACKOFF, DRAINING, BrokerConnection, split_capacity
-from ._handlers import Job, Runner
+from ._handlers import Job, Reply, Runner
 
 __all__ = ["Engine"]
 
@@ -50,7 +50,7 @@ _DISCONNECT_LINGER_MS: Final = 1000  # how long a closing socket may spend flush
 _EMPTY: Final = b""
 _DRAIN_FRAMES: Final = (SIGNATURE, encode_drain())
 
-RunnerFactory = Callable[[zmq.Context[Any], str, threading.Event], Runner]
+RunnerFactory = Callable[[Callable[[Reply], None]], Runner]  # given Engine.post
 
 
 class Engine:
@@ -77,12 +77,13 @@ class Engine:
         self.meta = meta
         self.drain_timeout = drain_timeout
         self._runner_factory = runner_factory
-        self.closed = threading.Event()  # set once the loop has ended: runners drop late replies
+        self.closed = threading.Event()  # set once the loop has ended (late posts go nowhere)
         self.last_tick = 0.0  # monotonic time of the loop's latest wake-up (registration health)
 
-        # Control from other threads.
-        self._lock = threading.Lock()
+        # Control from other threads. Re-entrant: a signal handler may interrupt _on_wake's holder.
+        self._lock = threading.RLock()
         self._stop_requested = False
+        self._control = False  # request_stop/set_brokers left something for _on_wake to read
         self._force = False
         self._new_brokers: list[str] | None = None
         self._wake_r, self._wake_w = socket.socketpair()
@@ -103,6 +104,8 @@ class Engine:
         self._poller = zmq.Poller()
         self._by_sock: dict[zmq.Socket[Any], BrokerConnection] = {}
         self._submit: Callable[[Job], None] = lambda job: None
+        self._replies: deque[Reply] = deque()  # from the runner's threads (post)
+        self._reply_woken = False  # a wake-up byte for the replies is on its way
 
     # -- any thread --------------------------------------------------------------------------
 
@@ -110,12 +113,21 @@ class Engine:
         with self._lock:
             self._stop_requested = True
             self._force = self._force or force
+            self._control = True
         self._wake()
 
     def set_brokers(self, endpoints: Sequence[str]) -> None:
         with self._lock:
             self._new_brokers = list(endpoints)
+            self._control = True
         self._wake()
+
+    def post(self, reply: Reply) -> None:
+        """A handler's reply, from any thread: queued for the loop, woken if not already due."""
+        self._replies.append(reply)
+        if not self._reply_woken:  # two threads may both write: a spare wake-up is harmless
+            self._reply_woken = True
+            self._wake()
 
     def _wake(self) -> None:
         try:
@@ -139,12 +151,7 @@ class Engine:
         the loop starts."""
         ctx: zmq.Context[Any] = zmq.Context()
         self._ctx = ctx
-        endpoint = f"inproc://zrouter-worker-replies-{id(self):x}"
-        pull = ctx.socket(zmq.PULL)
-        pull.setsockopt(zmq.RCVHWM, 0)
-        pull.setsockopt(zmq.LINGER, 0)
-        pull.bind(endpoint)
-        runner = self._runner_factory(ctx, endpoint, self.closed)
+        runner = self._runner_factory(self.post)
         self._submit = runner.submit
         clean = False
         try:
@@ -152,13 +159,12 @@ class Engine:
             self.last_tick = time.monotonic()
             if on_started is not None:
                 on_started()
-            self._loop(pull)
+            self._loop()
             clean = True
         finally:
             for conn in list(self.conns):
                 self._remove(conn)
             self.closed.set()
-            pull.close(0)
             self._wake_r.close()
             self._wake_w.close()
             now = time.monotonic()
@@ -170,14 +176,14 @@ class Engine:
             else:
                 log.warning("handlers still running after the drain timeout: abandoning them")
 
-    def _loop(self, pull: zmq.Socket[Any]) -> None:
+    def _loop(self) -> None:
         poller = self._poller
-        poller.register(pull, zmq.POLLIN)
         wake_fd = self._wake_r.fileno()
         poller.register(wake_fd, zmq.POLLIN)
         by_sock = self._by_sock
         poll = poller.poll
         monotonic = time.monotonic
+        after_events = self._after_events
         next_timer = 0.0
         now = monotonic()
         self._on_wake(now)  # a stop or broker list that came before the loop started
@@ -191,14 +197,18 @@ class Engine:
             now = monotonic()
             self.last_tick = now
             for sock, _ in events:
-                if sock is pull:
-                    self._on_replies(pull, now)
+                conn = by_sock.get(sock)
+                if conn is not None:
+                    self._on_broker(conn, sock, now)
                 elif sock == wake_fd:
                     self._on_wake(now)
-                else:
-                    conn = by_sock.get(sock)
-                    if conn is not None:
-                        self._on_broker(conn, sock, now)
+            now = after_events(now)
+
+    def _after_events(self, now: float) -> float:
+        """After each wake-up's events: the replies posted meanwhile. Returns the time after."""
+        if self._replies:
+            self._on_replies(now)
+        return now
 
     def _on_broker(self, conn: BrokerConnection, sock: zmq.Socket[Any], now: float) -> None:
         for _ in range(_BATCH):
@@ -220,32 +230,40 @@ class Engine:
                 if not conn.confirmed:
                     self._confirm(conn, now)
                 self._on_request(conn, header, frames[2] if len(frames) > 2 else None, now)
-            elif cmd == HEARTBEAT:
-                if not conn.confirmed:
-                    self._confirm(conn, now)
-            elif cmd == DRAIN:
-                if not conn.confirmed:
-                    self._confirm(conn, now)
+            elif self._on_command(conn, cmd, now):
+                return
+
+    def _on_command(self, conn: BrokerConnection, cmd: int, now: float) -> bool:
+        """A command other than REQUEST; True when the socket must not be read on (DISCONNECT)."""
+        if cmd == HEARTBEAT or cmd == DRAIN:
+            if not conn.confirmed:
+                self._confirm(conn, now)
+            if cmd == DRAIN:
                 if conn.state == DRAINING:
                     conn.drain_acked = True
                     self._dirty = True
                 else:
                     log.info("broker %s sent DRAIN unasked: ignored", conn.endpoint)
-            elif cmd == DISCONNECT:
-                self._on_disconnect(conn, now)
-                return
-            else:
-                log.debug("broker %s sent unknown command %r: ignored", conn.endpoint, cmd)
+        elif cmd == DISCONNECT:
+            self._on_disconnect(conn, now)
+            return True
+        else:
+            log.debug("broker %s sent unknown command %r: ignored", conn.endpoint, cmd)
+        return False
+
+    def _reject(self, conn: BrokerConnection, header: list[Any], now: float) -> None:
+        """A REQUEST whose header does not index or add up: BAD_REQUEST if it has a request id."""
+        log.warning("broker %s sent a malformed REQUEST header %r", conn.endpoint, header[:7])
+        if len(header) > 1 and type(header[1]) is int:
+            bad = encode_reply(header[1], STATUS_BAD_REQUEST, 0, "malformed REQUEST header")
+            conn.send((SIGNATURE, bad, _EMPTY), now)
 
     def _on_request(self, conn: BrokerConnection, header: list[Any], payload: Any, now: float) -> None:
         try:
             job: Job = (self._next_ticket, header[1], header[2], header[4], now + header[3] * 0.001,
                         header[5], payload)  # fmt: skip
         except (IndexError, TypeError):
-            log.warning("broker %s sent a malformed REQUEST header %r", conn.endpoint, header[:7])
-            if len(header) > 1 and type(header[1]) is int:
-                bad = encode_reply(header[1], STATUS_BAD_REQUEST, 0, "malformed REQUEST header")
-                conn.send((SIGNATURE, bad, _EMPTY), now)
+            self._reject(conn, header, now)
             return
         ticket = self._next_ticket
         self._next_ticket = ticket + 1
@@ -257,20 +275,19 @@ class Engine:
         else:
             self.backlog.append(job)
 
-    def _on_replies(self, pull: zmq.Socket[Any], now: float) -> None:
+    def _on_replies(self, now: float) -> None:
         pending = self.pending
-        for _ in range(_BATCH):
-            try:
-                frames = recv_frames(pull, NOBLOCK)
-            except zmq.Again:
-                break
+        replies = self._replies
+        pop = replies.popleft
+        while replies:  # at most capacity of them
+            ticket, header, payload = pop()
             self.running -= 1
-            entry = pending.pop(int.from_bytes(frames[0].bytes, "little"), None)
+            entry = pending.pop(ticket, None)
             if entry is None:
                 continue
             conn, generation = entry
             if conn.generation == generation and conn.sock is not None:
-                conn.send((SIGNATURE, frames[1], frames[2]), now)
+                conn.reply(header, payload, now)
                 conn.owed -= 1
                 if conn.state == DRAINING and conn.owed == 0:
                     self._dirty = True
@@ -304,6 +321,10 @@ class Engine:
                 pass
         except OSError:  # drained (BlockingIOError)
             pass
+        self._reply_woken = False  # before the loop reads the deque: a later post wakes again
+        if not self._control:
+            return
+        self._control = False
         with self._lock:
             stop, force, brokers = self._stop_requested, self._force, self._new_brokers
             self._new_brokers = None

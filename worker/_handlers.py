@@ -1,12 +1,11 @@
 """Running handlers off the I/O thread: a thread pool for sync handlers, an asyncio loop for async.
 
 The I/O thread hands each request over as a :data:`Job` tuple; the runner calls the handler
-with the decoded payload and sends the reply back to the I/O thread over an inproc PUSH socket
-that belongs to the running thread (zmq sockets are not thread-safe), as three frames::
-
-    [ticket (8 bytes little-endian), reply header, payload]
-
-The I/O thread maps the ticket back to the broker connection that sent the request.
+with the decoded payload and hands the reply back through ``post`` (the engine's
+:meth:`~worker._engine.Engine.post`: a deque append, plus a wake-up byte only when the I/O thread
+is not already due to look) as a :data:`Reply` ``(ticket, reply header, payload)``. No zmq socket
+is touched off the I/O thread. The I/O thread maps the ticket back to the broker connection
+that sent the request.
 """
 
 from __future__ import annotations
@@ -19,8 +18,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-import zmq
-
 from zrouter.errors import ProtocolError
 from zrouter.protocol import (
     STATUS_BAD_REQUEST,
@@ -30,70 +27,48 @@ from zrouter.protocol import (
     encode_payload,
     encode_reply,
 )
-from zrouter.transport import send_frames
 
 from ._context import RequestInfo, _current
 
-__all__ = ["AsyncRunner", "Job", "Runner", "SyncPool"]
+__all__ = ["AsyncRunner", "Job", "Reply", "Runner", "SyncPool"]
 
 log = logging.getLogger("zrouter.worker")
 
 # (ticket, rid, service, attempt, deadline, flags, payload frame or None)
 Job = tuple[int, int, str, int, float, int, Any]
+# (ticket, reply header, payload)
+Reply = tuple[int, bytes, Any]
 
 _EMPTY: Final = b""
-# A PUSH send waits at most this long before checking whether the worker is closing.
-_SEND_TIMEOUT_MS: Final = 100
 
 
-def _error_reply(rid: int, status: int, exc: BaseException) -> list[Any]:
+def _error_reply(rid: int, status: int, exc: BaseException) -> tuple[bytes, Any]:
     try:
         message = str(exc)
     except Exception:  # a broken __str__ must not lose the reply
         message = repr(type(exc))
-    return [encode_reply(rid, status, 0, message, type(exc).__name__), _EMPTY]
+    return encode_reply(rid, status, 0, message, type(exc).__name__), _EMPTY
 
 
-def _reply(rid: int, result: Any) -> list[Any]:
+def _reply(rid: int, result: Any) -> tuple[bytes, Any]:
     try:
         flags, frame = encode_payload(result)
     except Exception as exc:  # the result does not serialise: the handler's fault
         return _error_reply(rid, STATUS_REMOTE_ERROR, exc)
-    return [encode_reply(rid, STATUS_OK, flags), frame]
+    return encode_reply(rid, STATUS_OK, flags), frame
 
 
 def _decode(job: Job) -> Any:
     frame = job[6]
-    return decode_payload(job[5], _EMPTY if frame is None else frame.buffer)
-
-
-def _push_socket(ctx: zmq.Context[Any], endpoint: str) -> zmq.Socket[Any]:
-    push: zmq.Socket[Any] = ctx.socket(zmq.PUSH)
-    push.setsockopt(zmq.SNDHWM, 0)  # in-flight work is bounded by capacity: never block on HWM
-    push.setsockopt(zmq.LINGER, 0)
-    push.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
-    push.connect(endpoint)
-    return push
-
-
-def _send(push: zmq.Socket[Any], frames: list[Any], closed: threading.Event) -> None:
-    while not closed.is_set():
-        try:
-            send_frames(push, frames)
-            return
-        except zmq.Again:
-            pass
-    log.debug("worker closed: dropping a reply")
+    return decode_payload(job[5], _EMPTY if frame is None else frame.bytes)
 
 
 class Runner:
     """What the I/O thread needs of a handler runner."""
 
-    def __init__(self, ctx: zmq.Context[Any], endpoint: str, instance_id: str, closed: threading.Event) -> None:
-        self._ctx = ctx
-        self._endpoint = endpoint
+    def __init__(self, post: Callable[[Reply], None], instance_id: str) -> None:
+        self._post = post
         self._instance_id = instance_id
-        self._closed = closed
 
     def start(self) -> None:
         raise NotImplementedError
@@ -111,16 +86,9 @@ class SyncPool(Runner):
     """``size`` threads taking jobs from one queue; each owns its PUSH socket."""
 
     def __init__(
-        self,
-        ctx: zmq.Context[Any],
-        endpoint: str,
-        instance_id: str,
-        closed: threading.Event,
-        handler: Callable[[Any], Any],
-        size: int,
-        name: str,
+        self, post: Callable[[Reply], None], instance_id: str, handler: Callable[[Any], Any], size: int, name: str
     ) -> None:
-        super().__init__(ctx, endpoint, instance_id, closed)
+        super().__init__(post, instance_id)
         self._handler = handler
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.submit = self._queue.put  # hot path: no extra Python call per job
@@ -133,34 +101,29 @@ class SyncPool(Runner):
             t.start()
 
     def _serve(self) -> None:
-        push = _push_socket(self._ctx, self._endpoint)
         get = self._queue.get
+        post = self._post
         handler = self._handler
         instance_id = self._instance_id
-        closed = self._closed
-        try:
-            while True:
-                job = get()
-                if job is None:
-                    return
-                rid = job[1]
-                token = _current.set(RequestInfo(rid, job[2], job[3], job[4], instance_id))
+        while True:
+            job = get()
+            if job is None:
+                return
+            rid = job[1]
+            token = _current.set(RequestInfo(rid, job[2], job[3], job[4], instance_id))
+            try:
+                arg = _decode(job)
+            except ProtocolError as exc:
+                header, payload = _error_reply(rid, STATUS_BAD_REQUEST, exc)
+            else:
                 try:
-                    arg = _decode(job)
-                except ProtocolError as exc:
-                    frames = _error_reply(rid, STATUS_BAD_REQUEST, exc)
-                else:
-                    try:
-                        frames = _reply(rid, handler(arg))
-                    except BaseException as exc:
-                        log.debug("handler raised for request %d", rid, exc_info=True)
-                        frames = _error_reply(rid, STATUS_REMOTE_ERROR, exc)
-                finally:
-                    _current.reset(token)
-                frames.insert(0, job[0].to_bytes(8, "little"))
-                _send(push, frames, closed)
-        finally:
-            push.close(0)
+                    header, payload = _reply(rid, handler(arg))
+                except BaseException as exc:
+                    log.debug("handler raised for request %d", rid, exc_info=True)
+                    header, payload = _error_reply(rid, STATUS_REMOTE_ERROR, exc)
+            finally:
+                _current.reset(token)
+            post((job[0], header, payload))
 
     def shutdown(self, deadline: float) -> bool:
         for _ in self._threads:
@@ -171,22 +134,15 @@ class SyncPool(Runner):
 
 
 class AsyncRunner(Runner):
-    """One asyncio loop in its own thread; every job is a task; one PUSH socket for them all."""
+    """One asyncio loop in its own thread; every job is a task."""
 
     def __init__(
-        self,
-        ctx: zmq.Context[Any],
-        endpoint: str,
-        instance_id: str,
-        closed: threading.Event,
-        handler: Callable[[Any], Awaitable[Any]],
-        name: str,
+        self, post: Callable[[Reply], None], instance_id: str, handler: Callable[[Any], Awaitable[Any]], name: str
     ) -> None:
-        super().__init__(ctx, endpoint, instance_id, closed)
+        super().__init__(post, instance_id)
         self._handler = handler
         self._loop = asyncio.new_event_loop()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._push: zmq.Socket[Any] | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"{name}-asyncio", daemon=True)
         self.submit = self._submit
@@ -200,12 +156,10 @@ class AsyncRunner(Runner):
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self._push = _push_socket(self._ctx, self._endpoint)
         self._loop.call_soon(self._ready.set)
         try:
             self._loop.run_forever()
         finally:
-            self._push.close(0)
             self._loop.close()
 
     def _spawn(self, job: Job) -> None:
@@ -219,16 +173,14 @@ class AsyncRunner(Runner):
         try:
             arg = _decode(job)
         except ProtocolError as exc:
-            frames = _error_reply(rid, STATUS_BAD_REQUEST, exc)
+            header, payload = _error_reply(rid, STATUS_BAD_REQUEST, exc)
         else:
             try:
-                frames = _reply(rid, await self._handler(arg))
+                header, payload = _reply(rid, await self._handler(arg))
             except BaseException as exc:
                 log.debug("handler raised for request %d", rid, exc_info=True)
-                frames = _error_reply(rid, STATUS_REMOTE_ERROR, exc)
-        frames.insert(0, job[0].to_bytes(8, "little"))
-        assert self._push is not None
-        _send(self._push, frames, self._closed)
+                header, payload = _error_reply(rid, STATUS_REMOTE_ERROR, exc)
+        self._post((job[0], header, payload))
 
     async def _finish(self, deadline: float) -> None:
         tasks = set(self._tasks)

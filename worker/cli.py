@@ -5,6 +5,8 @@
 
 ``--broker`` may be repeated (or comma-separated) for several brokers. ``--delay SECONDS`` (or
 ZROUTER_WORKER_DELAY) makes every call sleep first: a slow worker for tests and demos.
+``--inline`` runs a sync handler in the I/O thread itself: fast handlers only, since no
+heartbeat goes out while it runs (see :class:`worker.Worker`).
 
 SIGINT/SIGTERM drain the worker and exit 0 (a second signal stops without waiting).
 
@@ -103,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--delay", type=float, default=_default_delay(), metavar="SECONDS",
         help=f"sleep before every call (a slow worker; default ${DELAY_ENV} or 0)",
     )  # fmt: skip
+    p.add_argument(
+        "--inline", action="store_true",
+        help="run the (sync) handler in the I/O thread itself: least CPU and latency per request, one "
+             "request at a time; no heartbeats while a handler runs, so only for handlers well within "
+             "--heartbeat x --liveness (a longer one makes the broker declare the worker dead and requeue)",
+    )  # fmt: skip
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     g = p.add_argument_group("Consul (optional)")
     g.add_argument(
@@ -158,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             consul_token=args.consul_token,
             tags=args.tag,
             broker_service=args.broker_service,
+            inline=args.inline,
         )
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))

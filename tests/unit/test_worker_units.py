@@ -13,7 +13,7 @@ import pytest
 from worker import DEFAULT_BROKER, RequestInfo, Worker, current_request
 from worker._connection import BACKOFF_INITIAL, BACKOFF_MAX, backoff_delay, split_capacity
 from worker._core import _is_async
-from worker.cli import build_parser, load_handler, with_delay
+from worker.cli import build_parser, load_handler, main, with_delay
 from worker.examples import async_echo, async_slow_echo, echo, fail, slow_echo, whoami
 
 
@@ -88,6 +88,19 @@ def test_cli_parser() -> None:
         build_parser().parse_args(["--service", "x", "--meta", "novalue", "m:f"])
 
 
+def test_cli_inline_flag() -> None:
+    assert build_parser().parse_args(["--service", "s", "m:f"]).inline is False
+    assert build_parser().parse_args(["--service", "s", "--inline", "m:f"]).inline is True
+    assert "--inline" in build_parser().format_help()
+
+
+def test_cli_rejects_inline_with_an_async_handler(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--service", "s", "--broker", "tcp://127.0.0.1:1", "--inline", "worker.examples:async_echo"])
+    assert info.value.code == 2
+    assert "inline runs sync handlers only" in capsys.readouterr().err
+
+
 def test_cli_delay_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ZROUTER_WORKER_DELAY", "0.25")
     assert build_parser().parse_args(["--service", "s", "m:f"]).delay == 0.25
@@ -127,6 +140,15 @@ def test_worker_configuration() -> None:
 def test_worker_rejects_bad_configuration(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         Worker("svc", echo, **kwargs)
+
+
+def test_inline_is_for_sync_handlers_only() -> None:
+    assert Worker("svc", echo, inline=True).inline
+    assert not Worker("svc", echo).inline
+    with pytest.raises(ValueError, match="inline runs sync handlers only"):
+        Worker("svc", async_echo, inline=True)
+    with pytest.raises(ValueError, match="inline runs sync handlers only"):
+        Worker("svc", with_delay(async_echo, 0.1), inline=True)
 
 
 def test_worker_rejects_bad_service_and_handler() -> None:
