@@ -65,7 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "latest.json", help="results JSON")
     p.add_argument("--plots", type=Path, default=REPO / "docs" / "bench", help="directory for the PNG plots")
     p.add_argument("--no-plots", action="store_true", help="skip the plots (no matplotlib needed)")
+    p.add_argument("--worker-pool", action="store_true",
+                   help="zrouter echo workers run handlers on their thread pool instead of --inline")
     args = p.parse_args(argv)
+    if args.worker_pool:
+        from bench import peers
+
+        peers.ZROUTER_WORKER_ARGS.clear()
     chosen = [s.strip() for s in args.only.split(",") if s.strip()] or list(SECTIONS)
     unknown = [s for s in chosen if s not in SECTIONS]
     if unknown:

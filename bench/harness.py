@@ -302,6 +302,7 @@ def start_zrouter(
     weights: Sequence[int] | None = None,
     worker_env: Sequence[dict[str, str]] | None = None,
     broker_args: Sequence[str] = (),
+    worker_args: Sequence[str] = (),
     timeout: float = 30.0,
 ) -> ZrouterSystem:
     """A broker (``python -m broker``) and ``workers`` workers (``python -m worker``), ready.
@@ -321,7 +322,7 @@ def start_zrouter(
         system.workers.append(cluster.spawn(
             f"zrouter worker {i}",
             ["-m", "worker", "--service", service, "--broker", back, "--capacity", str(capacity),
-             "--weight", str(weight), handler],
+             "--weight", str(weight), *worker_args, handler],
             env,
         ))  # fmt: skip
     broker.wait_for(r"worker \S+ joined", workers, timeout=timeout)

@@ -198,6 +198,9 @@ def start_majortomo(cluster: Cluster, workers: int = 2, timeout: float = 30.0) -
     return PeerSystem(ep, broker, procs)
 
 
+# Set from python -m bench --worker-pool to measure the thread-pool worker instead.
+ZROUTER_WORKER_ARGS: list[str] = ["--inline"]
+
 System = Any  # ZrouterSystem | PeerSystem: both have .endpoint, .broker and .workers
 
 
@@ -206,7 +209,9 @@ def start_systems(cluster: Cluster, workers: int = 2, capacity: int = 50) -> dic
     ``workers`` echo workers; zrouter's workers get ``capacity`` credits each. majortomo is
     left out when it is not installed."""
     systems: dict[str, System] = {
-        "zrouter": start_zrouter(cluster, workers, capacity=capacity),
+        # --inline: the echo handler runs on the worker's I/O thread, as the baseline's
+        # single-threaded REP workers do; a pool hand-off would measure threads, not routing.
+        "zrouter": start_zrouter(cluster, workers, capacity=capacity, worker_args=ZROUTER_WORKER_ARGS),
         "proxy": start_proxy(cluster, workers),
     }
     if majortomo_available():
