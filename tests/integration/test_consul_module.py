@@ -10,13 +10,13 @@ import itertools
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from tests.consul_agent import ConsulAgent, free_port
+from tests.procs import eventually, unique
 from zrouter.consul import (
     BrokerDiscovery,
     BrokerRegistration,
@@ -32,24 +32,6 @@ from zrouter.consul import (
 pytestmark = pytest.mark.consul
 
 WAIT = "1s"  # blocking-query wait for watchers: bounds each stop()
-T = TypeVar("T")
-
-
-def eventually(probe: Callable[[], T | None], timeout: float = 10.0, what: str = "condition") -> T:
-    """Poll *probe* until it returns something truthy; fail after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    last = probe()
-    while not last:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-        time.sleep(0.05)
-        last = probe()
-    return last
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
 
 class Recorder:
     """Collects on_change / on_status calls from watcher threads."""

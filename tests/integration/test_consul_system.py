@@ -13,37 +13,16 @@ import collections
 import json
 import re
 import threading
-import time
 import urllib.request
-import uuid
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from client import AsyncClient, Client
 from tests.consul_agent import ConsulAgent
-from tests.procs import BrokerProc, ProcessGroup, WorkerProc
+from tests.procs import BrokerProc, ProcessGroup, WorkerProc, eventually, unique
 
 pytestmark = [pytest.mark.consul, pytest.mark.timeout(90)]
-
-T = TypeVar("T")
-
-
-def eventually(probe: Callable[[], T | None], timeout: float = 15.0, what: str = "condition") -> T:
-    """Poll *probe* until it returns something truthy; fail after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    last = probe()
-    while not last:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-        time.sleep(0.05)
-        last = probe()
-    return last
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
 def consul_broker(procs: ProcessGroup, agent: ConsulAgent, *extra: str, broker_service: str) -> BrokerProc:
