@@ -134,10 +134,7 @@ class Client(BaseClient):
         Raises the ZRouterError subclass matching the reply's status, RequestTimeout when the
         deadline (``timeout`` or the client's default) passes first.
         """
-        if self._feed is not None and self._feed.changed:
-            self._follow()
-        entry = PendingReply(self)
-        self._core.start(entry, service, payload, timeout, idempotent, key, monotonic())
+        entry = self.submit(service, payload, timeout=timeout, idempotent=idempotent, key=key)
         if not entry._done:
             self._wait(entry, None)
         if entry._error is not None:
