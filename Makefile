@@ -13,14 +13,14 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/zrouter-demo
+	$(PY) scripts/demo.py
 
 # The README's test command; .ci/run calls exactly this.
 test: $(STAMP) consul lint
 	CONSUL_BIN="$$(scripts/get-consul)" $(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check zrouter broker worker client tests bench
+	$(VENV)/bin/ruff check zrouter broker worker client tests bench scripts
 	$(VENV)/bin/mypy
 
 unit: $(STAMP)

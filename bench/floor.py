@@ -96,7 +96,7 @@ def main() -> None:
         for name in ("zrouter broker", "python forwarder"):
             front, back = free_tcp_endpoint(), free_tcp_endpoint()
             if name == "zrouter broker":
-                procs.append(subprocess.Popen([sys.executable, "-m", "broker", "--frontend", front, "--backend",
+                procs.append(subprocess.Popen([sys.executable, "-m", "zrouter.broker", "--frontend", front, "--backend",
                                                back, "--log-level", "WARNING"]))
             else:
                 procs.append(_spawn("forwarder", front, back))

@@ -1,4 +1,4 @@
-"""Worker handlers for the benchmarks (``python -m worker ... bench.handlers:NAME``).
+"""Worker handlers for the benchmarks (``python -m zrouter.worker ... bench.handlers:NAME``).
 
 The service time comes from the environment (``BENCH_SERVICE_MS``), so one handler serves fast
 and slow workers alike; ``BENCH_ROLE`` (e.g. "fast", "slow") is echoed back in every reply,
@@ -21,7 +21,7 @@ import asyncio
 import os
 from typing import Any
 
-from worker import current_request
+from zrouter.worker import current_request
 
 __all__ = ["attempt", "serial"]
 

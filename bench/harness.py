@@ -297,7 +297,7 @@ def start_zrouter(
     workers: int = 2,
     *,
     service: str = "echo",
-    handler: str = "worker.examples:echo",
+    handler: str = "zrouter.worker.examples:echo",
     capacity: int = 50,
     weights: Sequence[int] | None = None,
     worker_env: Sequence[dict[str, str]] | None = None,
@@ -305,14 +305,14 @@ def start_zrouter(
     worker_args: Sequence[str] = (),
     timeout: float = 30.0,
 ) -> ZrouterSystem:
-    """A broker (``python -m broker``) and ``workers`` workers (``python -m worker``), ready.
+    """A broker (``python -m zrouter.broker``) and ``workers`` workers (``python -m zrouter.worker``), ready.
 
     Ready means the broker logged "broker listening" and one "worker ... joined" per worker.
     """
     front, back = free_tcp_endpoint(), free_tcp_endpoint()
     broker = cluster.spawn(
         "zrouter broker",
-        ["-m", "broker", "--frontend", front, "--backend", back, "--stats-interval", "3600", *broker_args],
+        ["-m", "zrouter.broker", "--frontend", front, "--backend", back, "--stats-interval", "3600", *broker_args],
     )
     broker.wait_for("broker listening", timeout=timeout)
     system = ZrouterSystem(front, back, broker)
@@ -321,7 +321,7 @@ def start_zrouter(
         env = worker_env[i] if worker_env else None
         system.workers.append(cluster.spawn(
             f"zrouter worker {i}",
-            ["-m", "worker", "--service", service, "--broker", back, "--capacity", str(capacity),
+            ["-m", "zrouter.worker", "--service", service, "--broker", back, "--capacity", str(capacity),
              "--weight", str(weight), *worker_args, handler],
             env,
         ))  # fmt: skip

@@ -39,7 +39,7 @@ SERVICE = "echo"
 
 
 def zrouter_pipe(endpoint: str, payload: bytes, inflight: int, counter: PipeCounter) -> dict[str, Any]:
-    from client import Client
+    from zrouter.client import Client
 
     with Client(endpoint, timeout=60.0) as c:
         c.request(SERVICE, payload)  # connection up, workers warm
@@ -58,7 +58,7 @@ def zrouter_pipe(endpoint: str, payload: bytes, inflight: int, counter: PipeCoun
 
 
 def zrouter_sync(endpoint: str, payload: bytes, warmup: int, count: int) -> list[float]:
-    from client import Client
+    from zrouter.client import Client
 
     clock = time.perf_counter
     lat: list[float] = []
@@ -88,7 +88,7 @@ def summarize(lat: list[float]) -> dict[str, Any]:
 
 async def open_loop(args: argparse.Namespace) -> dict[str, Any]:
     """Poisson arrivals at ``args.rate`` for ``args.duration`` s; a record per request."""
-    from client import AsyncClient
+    from zrouter.client import AsyncClient
     from zrouter.errors import ZRouterError
 
     rng = random.Random(args.seed)
@@ -151,7 +151,7 @@ async def open_loop(args: argparse.Namespace) -> dict[str, Any]:
 
 def fill(args: argparse.Namespace) -> None:
     """Queue ``args.count`` requests at the broker and hold them until stdin says stop."""
-    from client import Client
+    from zrouter.client import Client
 
     c = Client(args.endpoint, timeout=args.timeout)
     c.request(args.probe, b"probe", timeout=60.0)  # connected

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable without installing
 
-from broker.policies import POLICIES, Policy, make_policy
+from zrouter.broker.policies import POLICIES, Policy, make_policy
 
 __all__ = ["main"]
 

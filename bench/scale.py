@@ -40,7 +40,7 @@ CAPACITY = 4  # credits per fake worker: even 10 workers hold the 100 requests i
 
 def _broker(cluster: Cluster, *extra: str) -> ZrouterSystem:
     front, back = free_tcp_endpoint(), free_tcp_endpoint()
-    broker = cluster.spawn("zrouter broker", ["-m", "broker", "--frontend", front, "--backend", back,
+    broker = cluster.spawn("zrouter broker", ["-m", "zrouter.broker", "--frontend", front, "--backend", back,
                                               "--stats-interval", "3600", *extra])
     broker.wait_for("broker listening")
     return ZrouterSystem(front, back, broker)
@@ -109,7 +109,7 @@ def queued(count: int) -> dict[str, Any]:
 
 def pick_costs() -> dict[str, Any]:
     from bench import policy_pick
-    from broker.policies import POLICIES
+    from zrouter.broker.policies import POLICIES
 
     out: dict[str, Any] = {"sizes": list(policy_pick.SIZES), "pick_us": {}, "churn_us": {}}
     for name in sorted(POLICIES):

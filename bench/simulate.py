@@ -1,10 +1,10 @@
 """A deterministic discrete-event simulation of the dispatch policies, at scales this machine
 cannot run: ``python -m bench.simulate`` (or the ``simulate`` section of ``python -m bench``).
 
-The policies are the broker's own classes (``broker.policies.make_policy``), driven through the
-same call protocol as ``broker.router.Router``: ``pick``, then ``outstanding += 1`` and
+The policies are the broker's own classes (``zrouter.broker.policies.make_policy``), driven through the
+same call protocol as ``zrouter.broker.router.Router``: ``pick``, then ``outstanding += 1`` and
 ``changed`` (or ``remove`` when the worker's credits run out); on a reply ``outstanding -= 1``,
-the latency EWMA updated with ``broker.policies.p2c_ewma.update_ewma``, and ``changed`` or
+the latency EWMA updated with ``zrouter.broker.policies.p2c_ewma.update_ewma``, and ``changed`` or
 ``add``. Requests that find no worker with a free credit wait in a FIFO queue at the broker.
 Time is simulated (p2c-ewma's clock included), so a run is exact and repeatable for a seed.
 
@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.policies import make_policy
-from broker.policies.p2c_ewma import update_ewma
+from zrouter.broker.policies import make_policy
+from zrouter.broker.policies.p2c_ewma import update_ewma
 
 __all__ = ["SCENARIOS", "Scenario", "plot", "rows", "run", "simulate"]
 
@@ -269,7 +269,7 @@ def plot(res: dict[str, Any], outdir: Path) -> list[Path]:
         ax.set_title(sc["title"], fontsize=9)
         ax.grid(True, axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Simulated policies (broker.policies classes, simulated time)")
+    fig.suptitle("Simulated policies (zrouter.broker.policies classes, simulated time)")
     fig.tight_layout()
     path = outdir / "simulate.png"
     fig.savefig(path, dpi=110)

@@ -2,7 +2,7 @@
 
 One client process keeps 100 requests in flight (~100-byte payloads, loopback TCP) against a
 broker and 2 echo workers, for each system: zrouter (``Client.submit``; workers
-``python -m worker --capacity 50 worker.examples:echo``: 50 credits each, so the 100 in-flight
+``python -m zrouter.worker --capacity 50 zrouter.worker.examples:echo``: 50 credits each, so the 100 in-flight
 requests all sit at workers and none wait in the broker's queue), ``zmq.proxy`` with REP workers
 and a raw DEALER client, majortomo with its own Broker/Worker/Client (one request per worker at a
 time: MDP has no credits). Runs are interleaved (A B C A B C ...) and the median is reported,

@@ -1,4 +1,4 @@
-"""``zrouter-broker`` / ``python -m broker``: the broker daemon's command line."""
+"""``zrouter-broker`` / ``python -m zrouter.broker``: the broker daemon's command line."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from broker.core import Broker, BrokerConfig
-from broker.policies import POLICIES
+from zrouter.broker.core import Broker, BrokerConfig
+from zrouter.broker.policies import POLICIES
 
 __all__ = ["main", "parse_args"]
 

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 
 from zrouter.consul import BrokerRegistration, ConsulUnavailable, Instance, ServiceWatcher
 
-from broker.state import WorkerState
+from zrouter.broker.state import WorkerState
 
 if TYPE_CHECKING:
-    from broker.core import Broker
+    from zrouter.broker.core import Broker
 
 __all__ = ["ConsulLink"]
 

@@ -23,10 +23,10 @@ import msgpack
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from broker.router import Router
+from zrouter.broker.router import Router
 
 if TYPE_CHECKING:
-    from broker.consul_link import ConsulLink
+    from zrouter.broker.consul_link import ConsulLink
 from zrouter import protocol
 from zrouter.errors import ProtocolError
 from zrouter.transport import NOBLOCK, SNDMORE, recv_frames
@@ -116,7 +116,7 @@ class Broker:
         self.ready = threading.Event()
         self.consul: ConsulLink | None = None
         if config.consul:
-            from broker.consul_link import ConsulLink
+            from zrouter.broker.consul_link import ConsulLink
 
             self.consul = ConsulLink(
                 self, config.consul, config.consul_token, broker_service=config.broker_service,

@@ -16,7 +16,7 @@ import itertools
 from collections import deque
 from typing import Final
 
-from broker.state import DONE, QUEUED, Request
+from zrouter.broker.state import DONE, QUEUED, Request
 from zrouter import protocol
 
 __all__ = ["ServiceQueue"]

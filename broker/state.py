@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
-    from broker.policies.base import Policy
-    from broker.queue import ServiceQueue
+    from zrouter.broker.policies.base import Policy
+    from zrouter.broker.queue import ServiceQueue
 
 __all__ = ["DONE", "INFLIGHT", "QUEUED", "Request", "Service", "WorkerState"]
 

@@ -14,8 +14,8 @@ ZRouterError subclass that matches a failed reply::
         c.request("echo", b"hi")                       # spread over them, failing over
 """
 
-from client._async import AsyncClient
-from client._sync import Client, PendingReply
+from zrouter.client._async import AsyncClient
+from zrouter.client._sync import Client, PendingReply
 from zrouter.errors import (
     ClientClosed,
     MessageTooLarge,

@@ -25,7 +25,7 @@ from typing import Any, Final
 
 import zmq
 
-from client._brokers import BrokerConn, BrokerSet, SocketFactory
+from zrouter.client._brokers import BrokerConn, BrokerSet, SocketFactory
 from zrouter.errors import ClientClosed, MessageTooLarge, ProtocolError, RequestTimeout, WorkerLost
 from zrouter.protocol import (
     FLAG_IDEMPOTENT,

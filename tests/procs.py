@@ -108,7 +108,7 @@ class BrokerProc(Proc):
         self.wait_for("broker listening")
 
     def _argv(self) -> list[str]:
-        return ["-m", "broker", "--frontend", self.frontend, "--backend", self.backend,
+        return ["-m", "zrouter.broker", "--frontend", self.frontend, "--backend", self.backend,
                 "--heartbeat", str(self.heartbeat), "--stats-interval", "3600", *self.extra]
 
     def restart(self) -> None:
@@ -121,12 +121,12 @@ class BrokerProc(Proc):
 
 
 class WorkerProc(Proc):
-    """A ``python -m worker``; ``broker`` None leaves the brokers to ``extra`` (``--broker-service``)."""
+    """A ``python -m zrouter.worker``; ``broker`` None leaves the brokers to ``extra`` (``--broker-service``)."""
 
-    def __init__(self, broker: str | None, *, service: str = "svc", handler: str = "worker.examples:whoami",
+    def __init__(self, broker: str | None, *, service: str = "svc", handler: str = "zrouter.worker.examples:whoami",
                  capacity: int = 2, weight: int = 1, delay: float = 0.0, heartbeat: float = 0.2,
                  extra: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
-        args = ["-m", "worker", "--service", service, *(["--broker", broker] if broker else []),
+        args = ["-m", "zrouter.worker", "--service", service, *(["--broker", broker] if broker else []),
                 "--capacity", str(capacity), "--weight", str(weight), "--heartbeat", str(heartbeat),
                 "--delay", str(delay), *extra, handler]
         super().__init__(args, f"worker[{service}]", env)

@@ -2,15 +2,15 @@
 
 Quick start::
 
-    from worker import Worker
+    from zrouter.worker import Worker
 
     def handler(payload):
         return payload
 
     Worker("echo", handler, broker="tcp://127.0.0.1:5556", capacity=4).run()
 
-or from the shell: ``zrouter-worker --service echo --capacity 4 worker.examples:echo``
-(also ``python -m worker``). :func:`current_request` gives a handler its request's id,
+or from the shell: ``zrouter-worker --service echo --capacity 4 zrouter.worker.examples:echo``
+(also ``python -m zrouter.worker``). :func:`current_request` gives a handler its request's id,
 service, attempt, deadline and the worker's instance id.
 """
 

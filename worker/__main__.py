@@ -1,5 +1,5 @@
-"""``python -m worker``: the zrouter-worker command line (see :mod:`worker.cli`)."""
+"""``python -m zrouter.worker``: the zrouter-worker command line (see :mod:`zrouter.worker.cli`)."""
 
-from worker.cli import main
+from zrouter.worker.cli import main
 
 raise SystemExit(main())

@@ -4,7 +4,7 @@ Handlers take only the payload; everything else about the request lives in a con
 that the worker sets around each call (in the pool thread for sync handlers, in the task's own
 context for coroutine handlers), so it is always the request *this* call is serving::
 
-    from worker import current_request
+    from zrouter.worker import current_request
 
     def handler(payload):
         info = current_request()          # None outside a handler

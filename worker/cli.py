@@ -1,7 +1,7 @@
 """The ``zrouter-worker`` command: serve ``module:function`` for a service.
 
     zrouter-worker --service echo --broker tcp://127.0.0.1:5556 --capacity 4 --weight 1 \\
-        --heartbeat 1.0 --liveness 3 worker.examples:echo
+        --heartbeat 1.0 --liveness 3 zrouter.worker.examples:echo
 
 ``--broker`` may be repeated (or comma-separated) for several brokers. ``--delay SECONDS`` (or
 ZROUTER_WORKER_DELAY) makes every call sleep first: a slow worker for tests and demos.
@@ -15,7 +15,7 @@ worker registers itself in Consul, and ``--broker-service NAME`` (instead of ``-
 the brokers there::
 
     zrouter-worker --service echo --consul 127.0.0.1:8500 --broker-service zrouter-broker \\
-        --tag blue worker.examples:echo
+        --tag blue zrouter.worker.examples:echo
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Handlers for demos, tests and benchmarks (``zrouter-worker ... worker.examples:echo``)."""
+"""Handlers for demos, tests and benchmarks (``zrouter-worker ... zrouter.worker.examples:echo``)."""
 
 from __future__ import annotations
 

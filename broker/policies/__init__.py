@@ -5,7 +5,7 @@ itself by ``name`` in ``POLICIES``); ``make_policy(name, rng)`` builds one.
 """
 
 # Imported for their side effect: each registers its policy in POLICIES.
-from broker.policies import (  # noqa: F401
+from zrouter.broker.policies import (  # noqa: F401
     consistent_hash,
     least_outstanding,
     p2c_ewma,
@@ -14,6 +14,6 @@ from broker.policies import (  # noqa: F401
     weighted,
     weighted_least_outstanding,
 )
-from broker.policies.base import POLICIES, Endpoint, Policy, make_policy
+from zrouter.broker.policies.base import POLICIES, Endpoint, Policy, make_policy
 
 __all__ = ["POLICIES", "Endpoint", "Policy", "make_policy"]

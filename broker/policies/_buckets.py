@@ -21,7 +21,7 @@ import heapq
 import random
 from typing import Generic, TypeVar
 
-from broker.policies._indexed import IndexedSet
+from zrouter.broker.policies._indexed import IndexedSet
 
 __all__ = ["MinBuckets"]
 

@@ -76,7 +76,7 @@ class Policy(ABC):
 
 def make_policy(name: str, rng: random.Random | None = None) -> Policy:
     """A new policy instance by name; the error lists the names that exist."""
-    import broker.policies  # noqa: F401 - importing the package registers every policy
+    import zrouter.broker.policies  # noqa: F401 - importing the package registers every policy
 
     try:
         cls = POLICIES[name]

@@ -44,8 +44,8 @@ import struct
 from bisect import bisect_left, insort
 from collections.abc import Iterator
 
-from broker.policies._indexed import IndexedSet
-from broker.policies.base import Endpoint, Policy
+from zrouter.broker.policies._indexed import IndexedSet
+from zrouter.broker.policies.base import Endpoint, Policy
 
 __all__ = ["PARK_RATIO", "PARK_SLACK", "VIRTUAL_NODES", "ConsistentHash", "ring_hash"]
 

@@ -35,8 +35,8 @@ import random
 import time
 from collections.abc import Callable
 
-from broker.policies._indexed import IndexedSet
-from broker.policies.base import Endpoint, Policy
+from zrouter.broker.policies._indexed import IndexedSet
+from zrouter.broker.policies.base import Endpoint, Policy
 
 __all__ = ["COLD_START_EWMA", "DECAY_TIME", "FORCE_PICK", "P2CEwma", "load", "update_ewma"]
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import random
 
-from broker.policies._indexed import IndexedSet
-from broker.policies.base import Endpoint, Policy
+from zrouter.broker.policies._indexed import IndexedSet
+from zrouter.broker.policies.base import Endpoint, Policy
 
 __all__ = ["RandomPick"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 
-from broker.policies.base import Endpoint, Policy
+from zrouter.broker.policies.base import Endpoint, Policy
 
 __all__ = ["RoundRobin"]
 

@@ -35,8 +35,8 @@ from __future__ import annotations
 import itertools
 import random
 
-from broker.policies._lazy_heap import LazyHeap
-from broker.policies.base import Endpoint, Policy
+from zrouter.broker.policies._lazy_heap import LazyHeap
+from zrouter.broker.policies.base import Endpoint, Policy
 
 __all__ = ["REBASE_AFTER", "Weighted"]
 

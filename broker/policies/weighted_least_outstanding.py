@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import random
 
-from broker.policies._buckets import MinBuckets
-from broker.policies.base import Endpoint, Policy
+from zrouter.broker.policies._buckets import MinBuckets
+from zrouter.broker.policies.base import Endpoint, Policy
 
 __all__ = ["WeightedLeastOutstanding", "score"]
 

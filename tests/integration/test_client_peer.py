@@ -19,7 +19,7 @@ import msgpack
 import pytest
 import zmq
 
-from client import (
+from zrouter.client import (
     AsyncClient,
     Client,
     ClientClosed,

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from client import AsyncClient, Client
+from zrouter.client import AsyncClient, Client
 from tests.consul_agent import ConsulAgent
 from tests.procs import BrokerProc, ProcessGroup, WorkerProc, eventually, unique
 

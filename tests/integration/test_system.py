@@ -14,7 +14,7 @@ import msgpack
 import pytest
 import zmq
 
-from client import AsyncClient, Client, RemoteError, RequestTimeout, ServiceUnavailable, WorkerLost
+from zrouter.client import AsyncClient, Client, RemoteError, RequestTimeout, ServiceUnavailable, WorkerLost
 from tests.procs import ProcessGroup
 from zrouter import protocol as p
 from zrouter.errors import MessageTooLarge, ProtocolError
@@ -254,8 +254,8 @@ def test_workers_survive_a_broker_restart_and_clients_never_hang(procs: ProcessG
 
 def test_handler_exception_reaches_the_client_and_worker_keeps_serving(procs: ProcessGroup) -> None:
     broker = procs.broker()
-    procs.worker(broker, service="fail", handler="worker.examples:fail")
-    procs.worker(broker, service="echo", handler="worker.examples:echo")
+    procs.worker(broker, service="fail", handler="zrouter.worker.examples:fail")
+    procs.worker(broker, service="echo", handler="zrouter.worker.examples:echo")
     broker.wait_workers(2)
     with Client(broker.frontend, timeout=5) as client:
         for _ in range(2):
@@ -283,7 +283,7 @@ def test_queued_request_times_out_and_unknown_service_is_unavailable(procs: Proc
 
 def test_bad_input_gets_clear_errors_and_the_broker_keeps_serving(procs: ProcessGroup, ctx: zmq.Context[Any]) -> None:
     broker = procs.broker("--max-message-size", "1k")
-    procs.worker(broker, service="echo", handler="worker.examples:echo")
+    procs.worker(broker, service="echo", handler="zrouter.worker.examples:echo")
     broker.wait_workers(1)
     raw = ctx.socket(zmq.DEALER)
     raw.linger = 0
@@ -339,7 +339,7 @@ def test_cli_help_lists_the_flags() -> None:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "broker", "--help"], capture_output=True, text=True, timeout=30,
+    out = subprocess.run([sys.executable, "-m", "zrouter.broker", "--help"], capture_output=True, text=True, timeout=30,
                          env={**os.environ})
     assert out.returncode == 0
     for flag in ("--frontend", "--backend", "--heartbeat", "--liveness", "--policy", "--service-policy",

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 import zmq
 
-from client import Client, RemoteError
+from zrouter.client import Client, RemoteError
 from tests.integration.test_worker_peer import HB, WAIT, ScriptedBroker
 from tests.procs import ProcessGroup, Proc
-from worker import Worker, current_request
-from worker.examples import echo, fail, slow_echo
+from zrouter.worker import Worker, current_request
+from zrouter.worker.examples import echo, fail, slow_echo
 from zrouter.protocol import (
     DISCONNECT,
     DRAIN,
@@ -79,7 +79,7 @@ def loud_sleep(payload: Any) -> Any:
 
 
 def _cli(procs: ProcessGroup, scripted: ScriptedBroker, handler: str, *extra: str) -> Proc:
-    args = ["-m", "worker", "--service", "svc", "--broker", scripted.endpoint, "--heartbeat", str(HB),
+    args = ["-m", "zrouter.worker", "--service", "svc", "--broker", scripted.endpoint, "--heartbeat", str(HB),
             "--liveness", "5", "--inline", *extra, handler]  # fmt: skip
     proc = Proc(args, "worker[inline]")
     procs.add(proc)
@@ -226,7 +226,7 @@ def test_async_handler_cannot_run_inline() -> None:
 
 
 def test_cli_drains_on_sigterm(procs: ProcessGroup, scripted: ScriptedBroker) -> None:
-    proc = _cli(procs, scripted, "worker.examples:echo", "--capacity", "3", "--delay", "0.2")
+    proc = _cli(procs, scripted, "zrouter.worker.examples:echo", "--capacity", "3", "--delay", "0.2")
     peer = scripted.wait_cmd(READY, timeout=20.0).identity
     scripted.request(peer, 1, b"one")
     scripted.request(peer, 2, {"two": 2})
@@ -265,8 +265,8 @@ def test_cli_second_signal_interrupts_the_running_handler(procs: ProcessGroup, s
 
 def test_real_broker_end_to_end(procs: ProcessGroup) -> None:
     broker = procs.broker()
-    procs.worker(broker, service="echo", handler="worker.examples:echo", extra=["--inline"])
-    procs.worker(broker, service="fail", handler="worker.examples:fail", extra=["--inline"])
+    procs.worker(broker, service="echo", handler="zrouter.worker.examples:echo", extra=["--inline"])
+    procs.worker(broker, service="fail", handler="zrouter.worker.examples:fail", extra=["--inline"])
     broker.wait_workers(2)
     with Client(broker.frontend, timeout=5) as client:
         assert client.request("echo", b"\x00raw") == b"\x00raw"

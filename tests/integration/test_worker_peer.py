@@ -26,8 +26,8 @@ import msgpack
 import pytest
 import zmq
 
-from worker import Worker, current_request
-from worker.examples import echo, fail, slow_echo, whoami
+from zrouter.worker import Worker, current_request
+from zrouter.worker.examples import echo, fail, slow_echo, whoami
 from zrouter.protocol import (
     DISCONNECT,
     DRAIN,
@@ -533,9 +533,9 @@ def _wait_process(proc: subprocess.Popen[bytes], timeout: float) -> int:
 def test_cli_drains_on_signal(broker: ScriptedBroker, sig: signal.Signals) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [
-        sys.executable, "-m", "worker", "--service", "svc", "--broker", broker.endpoint,
+        sys.executable, "-m", "zrouter.worker", "--service", "svc", "--broker", broker.endpoint,
         "--capacity", "2", "--weight", "1", "--heartbeat", str(HB), "--liveness", "5",
-        "--delay", "0.5", "worker.examples:echo",
+        "--delay", "0.5", "zrouter.worker.examples:echo",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -565,8 +565,8 @@ def test_cli_second_signal_stops_without_waiting(broker: ScriptedBroker) -> None
     broker.ack_drain = False
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [
-        sys.executable, "-m", "worker", "--service", "svc", "--broker", broker.endpoint,
-        "--heartbeat", str(HB), "--liveness", "5", "--delay", "30", "worker.examples:echo",
+        sys.executable, "-m", "zrouter.worker", "--service", "svc", "--broker", broker.endpoint,
+        "--heartbeat", str(HB), "--liveness", "5", "--delay", "30", "zrouter.worker.examples:echo",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -589,7 +589,7 @@ def test_cli_second_signal_stops_without_waiting(broker: ScriptedBroker) -> None
 
 def test_cli_rejects_a_bad_handler() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "worker", "--service", "svc", "no_such_module:nothing"],
+        [sys.executable, "-m", "zrouter.worker", "--service", "svc", "no_such_module:nothing"],
         check=False,
         cwd=ROOT,
         capture_output=True,

@@ -15,8 +15,8 @@ import msgpack
 import pytest
 import zmq
 
-from client._base import DEFAULT_BROKER, ClientCore, Entry, request_frames
-from client._brokers import BrokerConn, normalize_brokers
+from zrouter.client._base import DEFAULT_BROKER, ClientCore, Entry, request_frames
+from zrouter.client._brokers import BrokerConn, normalize_brokers
 from zrouter import errors as err
 from zrouter import protocol as p
 from zrouter.transport import SNDMORE

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from client import AsyncClient, Client
-from client._discovery import BrokerFeed
-from worker import Worker
-from worker._discovery import MIN_TTL, BrokerFollower, ConsulRegistration, consul_ttl
-from worker.cli import build_parser
-from worker.cli import main as worker_main
-from worker.examples import echo
+from zrouter.client import AsyncClient, Client
+from zrouter.client._discovery import BrokerFeed
+from zrouter.worker import Worker
+from zrouter.worker._discovery import MIN_TTL, BrokerFollower, ConsulRegistration, consul_ttl
+from zrouter.worker.cli import build_parser
+from zrouter.worker.cli import main as worker_main
+from zrouter.worker.examples import echo
 
 NOWHERE = "127.0.0.1:1"  # nothing listens on port 1
 
@@ -107,7 +107,7 @@ def test_worker_cli_refuses_broker_service_without_consul_or_with_broker(
 ) -> None:
     monkeypatch.delenv("CONSUL_HTTP_ADDR", raising=False)
     with pytest.raises(SystemExit) as info:
-        worker_main(["--service", "s", *argv, "worker.examples:echo"])
+        worker_main(["--service", "s", *argv, "zrouter.worker.examples:echo"])
     assert info.value.code == 2
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.policies import POLICIES, Endpoint, Policy, consistent_hash, make_policy, p2c_ewma, weighted
-from broker.policies.p2c_ewma import COLD_START_EWMA, DECAY_TIME, FORCE_PICK, update_ewma
+from zrouter.broker.policies import POLICIES, Endpoint, Policy, consistent_hash, make_policy, p2c_ewma, weighted
+from zrouter.broker.policies.p2c_ewma import COLD_START_EWMA, DECAY_TIME, FORCE_PICK, update_ewma
 
 ALL = sorted(POLICIES)
 SEED = 20240611
@@ -750,7 +750,7 @@ def test_consistent_hash_is_stable_across_processes() -> None:
     """The mapping must not depend on Python's per-process hash() salt."""
     script = (
         "import random\n"
-        "from broker.policies import make_policy\n"
+        "from zrouter.broker.policies import make_policy\n"
         "class E:\n"
         "    outstanding, weight, ewma = 0, 1.0, 0.0\n"
         "    def __init__(self, key): self.key = key\n"

@@ -3,9 +3,9 @@ time passed in."""
 
 from __future__ import annotations
 
-from broker.policies.base import make_policy
-from broker.queue import ServiceQueue
-from broker.state import Request, Service
+from zrouter.broker.policies.base import make_policy
+from zrouter.broker.queue import ServiceQueue
+from zrouter.broker.state import Request, Service
 from zrouter import protocol as p
 
 

@@ -9,8 +9,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from broker.router import Router
-from broker.state import WorkerState
+from zrouter.broker.router import Router
+from zrouter.broker.state import WorkerState
 from zrouter import protocol as p
 
 IDEM = p.FLAG_IDEMPOTENT

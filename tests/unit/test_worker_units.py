@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from worker import DEFAULT_BROKER, RequestInfo, Worker, current_request
-from worker._connection import BACKOFF_INITIAL, BACKOFF_MAX, backoff_delay, split_capacity
-from worker._core import _is_async
-from worker.cli import build_parser, load_handler, main, with_delay
-from worker.examples import async_echo, async_slow_echo, echo, fail, slow_echo, whoami
+from zrouter.worker import DEFAULT_BROKER, RequestInfo, Worker, current_request
+from zrouter.worker._connection import BACKOFF_INITIAL, BACKOFF_MAX, backoff_delay, split_capacity
+from zrouter.worker._core import _is_async
+from zrouter.worker.cli import build_parser, load_handler, main, with_delay
+from zrouter.worker.examples import async_echo, async_slow_echo, echo, fail, slow_echo, whoami
 
 
 @pytest.mark.parametrize(
@@ -49,14 +49,14 @@ def test_backoff_grows_with_jitter_up_to_the_cap() -> None:
 
 
 def test_load_handler() -> None:
-    assert load_handler("worker.examples:echo") is echo
+    assert load_handler("zrouter.worker.examples:echo") is echo
     assert load_handler("os.path:join") is os.path.join
     with pytest.raises(ValueError, match="module:function"):
         load_handler("worker.examples")
     with pytest.raises(ImportError):
         load_handler("no_such_module_xyz:f")
     with pytest.raises(AttributeError):
-        load_handler("worker.examples:nope")
+        load_handler("zrouter.worker.examples:nope")
     with pytest.raises(TypeError):
         load_handler("worker.cli:DELAY_ENV")
 
@@ -78,9 +78,9 @@ def test_cli_parser() -> None:
     args = build_parser().parse_args(
         ["--service", "echo", "--broker", "tcp://a:1,tcp://b:2", "--broker", "tcp://c:3",
          "--capacity", "4", "--heartbeat", "0.5", "--meta", "zone=eu", "--delay", "0.1",
-         "worker.examples:echo"]
+         "zrouter.worker.examples:echo"]
     )  # fmt: skip
-    assert args.service == "echo" and args.handler == "worker.examples:echo"
+    assert args.service == "echo" and args.handler == "zrouter.worker.examples:echo"
     assert args.broker == ["tcp://a:1,tcp://b:2", "tcp://c:3"]
     assert (args.capacity, args.weight, args.heartbeat, args.liveness) == (4, 1, 0.5, 3)
     assert args.meta == [("zone", "eu")] and args.delay == 0.1
@@ -96,7 +96,7 @@ def test_cli_inline_flag() -> None:
 
 def test_cli_rejects_inline_with_an_async_handler(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
-        main(["--service", "s", "--broker", "tcp://127.0.0.1:1", "--inline", "worker.examples:async_echo"])
+        main(["--service", "s", "--broker", "tcp://127.0.0.1:1", "--inline", "zrouter.worker.examples:async_echo"])
     assert info.value.code == 2
     assert "inline runs sync handlers only" in capsys.readouterr().err
 

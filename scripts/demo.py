@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from client import Client
+from zrouter.client import Client
 from zrouter.transport import free_tcp_endpoint
 
 __all__ = ["main"]
@@ -38,12 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         print(f"starting broker (clients: {front}, workers: {back}, policy {args.policy})")
-        procs.append(_spawn(["-m", "broker", "--frontend", front, "--backend", back,
+        procs.append(_spawn(["-m", "zrouter.broker", "--frontend", front, "--backend", back,
                              "--policy", args.policy, "--heartbeat", "0.5"], not args.verbose))
         workers = []
         for n, delay in enumerate(["0", "0", "0.05"]):
-            cmd = ["-m", "worker", "--service", "demo", "--broker", back, "--capacity", "2",
-                   "--heartbeat", "0.5", "--delay", delay, "worker.examples:whoami"]
+            cmd = ["-m", "zrouter.worker", "--service", "demo", "--broker", back, "--capacity", "2",
+                   "--heartbeat", "0.5", "--delay", delay, "zrouter.worker.examples:whoami"]
             workers.append(_spawn(cmd, not args.verbose))
             print(f"starting worker {n + 1} (pid {workers[-1].pid}){' - slow: 50 ms a request' if delay != '0' else ''}")
         procs.extend(workers)
