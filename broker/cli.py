@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from zrouter.broker.core import Broker, BrokerConfig
+from zrouter.broker.server import Broker, BrokerConfig
 from zrouter.broker.policies import POLICIES
 
 __all__ = ["main", "parse_args"]

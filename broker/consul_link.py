@@ -20,24 +20,34 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 from zrouter.consul import BrokerRegistration, ConsulUnavailable, Instance, ServiceWatcher
 
 from zrouter.broker.state import WorkerState
-
-if TYPE_CHECKING:
-    from zrouter.broker.core import Broker
+from zrouter.broker.router import Router
 
 __all__ = ["ConsulLink"]
 
 log = logging.getLogger("zrouter.broker.consul")
 
 
+class BrokerLoop(Protocol):
+    """What the link needs of the broker it serves (``zrouter.broker.server.Broker``); named
+    here so this module does not import the one that imports it."""
+
+    router: Router
+    frontend_endpoint: str
+    backend_endpoint: str
+
+    def call_soon(self, fn: Callable[[], None]) -> None: ...
+
+
 class ConsulLink:
     def __init__(
         self,
-        broker: Broker,
+        broker: BrokerLoop,
         consul_addr: str | None,
         token: str | None = None,
         *,

@@ -2,7 +2,7 @@
 
 Every method takes ``now`` (a monotonic time in seconds) and sends through a ``Sink``, so the
 whole life of a request (credits, requeue when a worker is lost, deadlines, the unknown-service
-grace period, drains) is unit-tested without sockets or sleeps. ``zrouter.broker.core`` feeds it from
+grace period, drains) is unit-tested without sockets or sleeps. ``zrouter.broker.server`` feeds it from
 the ZeroMQ sockets.
 
 Invariants the tests check:
@@ -24,7 +24,7 @@ import msgpack
 
 from zrouter.broker.policies.base import make_policy
 from zrouter.broker.policies.p2c_ewma import update_ewma
-from zrouter.broker.queue import ServiceQueue
+from zrouter.broker.state import ServiceQueue
 from zrouter.broker.state import DONE, INFLIGHT, Request, Service, WorkerState
 from zrouter import protocol
 

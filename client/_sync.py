@@ -14,10 +14,10 @@ from typing import Any, Final
 
 import zmq
 
-from zrouter.client._base import DEFAULT_TIMEOUT, Entry
+from zrouter.client._core import DEFAULT_TIMEOUT, Entry
 from zrouter.client._brokers import DEFAULT_HEARTBEAT
-from zrouter.client._common import BaseClient
-from zrouter.client._discovery import BrokerFeed
+from zrouter.client._client import BaseClient
+from zrouter.client._consul_link import BrokerFeed
 from zrouter.consul import DEFAULT_BROKER_SERVICE
 from zrouter.errors import ClientClosed
 

@@ -15,6 +15,6 @@ service, attempt, deadline and the worker's instance id.
 """
 
 from ._context import RequestInfo, current_request
-from ._core import DEFAULT_BROKER, Worker, run_worker
+from ._worker import DEFAULT_BROKER, Worker, run_worker
 
 __all__ = ["DEFAULT_BROKER", "RequestInfo", "Worker", "current_request", "run_worker"]

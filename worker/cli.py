@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._core import DEFAULT_BROKER, Worker, _is_async
+from ._worker import DEFAULT_BROKER, Worker, _is_async
 
 __all__ = ["build_parser", "load_handler", "main", "with_delay"]
 

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from zrouter.client import AsyncClient, Client
-from zrouter.client._discovery import BrokerFeed
+from zrouter.client._consul_link import BrokerFeed
 from zrouter.worker import Worker
-from zrouter.worker._discovery import MIN_TTL, BrokerFollower, ConsulRegistration, consul_ttl
+from zrouter.worker._consul_link import MIN_TTL, BrokerFollower, ConsulRegistration, consul_ttl
 from zrouter.worker.cli import build_parser
 from zrouter.worker.cli import main as worker_main
 from zrouter.worker.examples import echo
@@ -69,7 +69,7 @@ def test_worker_rejects_conflicting_consul_options(kwargs: dict[str, Any]) -> No
 def test_worker_with_broker_service_starts_with_no_broker() -> None:
     w = Worker("svc", echo, consul=NOWHERE, broker_service="zrouter-broker")
     assert w.brokers == []
-    assert w._discovery is not None and w._discovery.service == "zrouter-broker"
+    assert w._follower is not None and w._follower.service == "zrouter-broker"
 
 
 def test_broker_follower_applies_backends_and_ignores_an_empty_list() -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from zrouter.worker import DEFAULT_BROKER, RequestInfo, Worker, current_request
 from zrouter.worker._connection import BACKOFF_INITIAL, BACKOFF_MAX, backoff_delay, split_capacity
-from zrouter.worker._core import _is_async
+from zrouter.worker._worker import _is_async
 from zrouter.worker.cli import build_parser, load_handler, main, with_delay
 from zrouter.worker.examples import async_echo, async_slow_echo, echo, fail, slow_echo, whoami
 

@@ -4,7 +4,7 @@ time passed in."""
 from __future__ import annotations
 
 from zrouter.broker.policies.base import make_policy
-from zrouter.broker.queue import ServiceQueue
+from zrouter.broker.state import ServiceQueue
 from zrouter.broker.state import Request, Service
 from zrouter import protocol as p
 

@@ -17,7 +17,7 @@ from zrouter import __version__
 from zrouter.consul import consul_address
 
 from ._context import current_request
-from ._discovery import BrokerFollower, ConsulRegistration
+from ._consul_link import BrokerFollower, ConsulRegistration
 from ._engine import Engine
 from ._handlers import AsyncRunner, Reply, Runner, SyncPool
 from ._inline import InlineEngine
@@ -171,10 +171,10 @@ class Worker:
                 tags=tags, heartbeat_interval=heartbeat_interval, liveness=liveness,
             )  # fmt: skip
         self._registration = registration
-        self._discovery: BrokerFollower | None = None
+        self._follower: BrokerFollower | None = None
         if broker_service:
             assert consul is not None
-            self._discovery = BrokerFollower(self.set_brokers, service=broker_service, consul=consul,
+            self._follower = BrokerFollower(self.set_brokers, service=broker_service, consul=consul,
                                              token=consul_token)  # fmt: skip
         settings: dict[str, Any] = {
             "service": service, "capacity": capacity, "weight": weight, "heartbeat_interval": heartbeat_interval,
@@ -234,13 +234,13 @@ class Worker:
             "async" if self.is_async else "sync inline" if self.inline else "sync",
             ", ".join(self._brokers) or "(none yet)",
         )  # fmt: skip
-        if self._discovery is not None:
-            self._discovery.start()  # delivers through set_brokers, which the loop picks up
+        if self._follower is not None:
+            self._follower.start()  # delivers through set_brokers, which the loop picks up
         try:
             self._engine.run(on_started=ticker.start if ticker is not None else None)
         finally:
-            if self._discovery is not None:
-                self._discovery.stop()
+            if self._follower is not None:
+                self._follower.stop()
             if ticker is not None:
                 ticker.stop(deregister=True)
             self._restore_signals(previous)

@@ -15,7 +15,7 @@ import msgpack
 import pytest
 import zmq
 
-from zrouter.client._base import DEFAULT_BROKER, ClientCore, Entry, request_frames
+from zrouter.client._core import DEFAULT_BROKER, ClientCore, Entry, request_frames
 from zrouter.client._brokers import BrokerConn, normalize_brokers
 from zrouter import errors as err
 from zrouter import protocol as p

@@ -12,9 +12,9 @@ from typing import Any
 
 import zmq
 
-from zrouter.client._base import DEFAULT_BROKER, ClientCore
+from zrouter.client._core import DEFAULT_BROKER, ClientCore
 from zrouter.client._brokers import open_broker_sockets
-from zrouter.client._discovery import BrokerFeed, initial_brokers
+from zrouter.client._consul_link import BrokerFeed, initial_brokers
 
 __all__ = ["BaseClient"]
 
