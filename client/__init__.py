@@ -17,7 +17,9 @@ ZRouterError subclass that matches a failed reply::
 from zrouter.client._async import AsyncClient
 from zrouter.client._sync import Client, PendingReply
 from zrouter.errors import (
+    AuthenticationFailed,
     ClientClosed,
+    Forbidden,
     MessageTooLarge,
     Overloaded,
     ProtocolError,
@@ -30,8 +32,10 @@ from zrouter.errors import (
 
 __all__ = [
     "AsyncClient",
+    "AuthenticationFailed",
     "Client",
     "ClientClosed",
+    "Forbidden",
     "MessageTooLarge",
     "Overloaded",
     "PendingReply",

@@ -11,6 +11,8 @@ Every error a client, worker or broker raises on purpose derives from :class:`ZR
      ├── RemoteError               the handler raised; ``.type`` and ``.message`` say what
      ├── ProtocolError             a peer sent frames that do not follow docs/protocol.md
      │    └── MessageTooLarge      the request is over the broker's size limit
+     ├── Forbidden                 this client's key may not call this service (CURVE set-ups)
+     ├── AuthenticationFailed      the broker refused this peer's key in the CURVE handshake
      └── ClientClosed              the client was closed while the request was pending
 
 Each reply status on the wire maps to exactly one class (see ``zrouter.protocol.error_for_status``).
@@ -19,7 +21,9 @@ Each reply status on the wire maps to exactly one class (see ``zrouter.protocol.
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationFailed",
     "ClientClosed",
+    "Forbidden",
     "MessageTooLarge",
     "Overloaded",
     "ProtocolError",
@@ -70,3 +74,16 @@ class MessageTooLarge(ProtocolError):
 
 class ClientClosed(ZRouterError):
     """The client was closed while this request was pending."""
+
+
+class Forbidden(ZRouterError):
+    """The broker knows this client's key, and that key may not call this service."""
+
+
+class AuthenticationFailed(ZRouterError):
+    """The broker refused this peer's CURVE key (unknown, revoked, or the wrong server key):
+    ``reason`` is what ZeroMQ's handshake reported."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -18,6 +18,7 @@ from typing import Any, Final, NamedTuple
 import msgpack
 
 from zrouter.errors import (
+    Forbidden,
     MessageTooLarge,
     Overloaded,
     ProtocolError,
@@ -39,6 +40,7 @@ __all__ = [
     "REQUEST",
     "SIGNATURE",
     "STATUS_BAD_REQUEST",
+    "STATUS_FORBIDDEN",
     "STATUS_NAMES",
     "STATUS_OK",
     "STATUS_OVERLOADED",
@@ -92,6 +94,7 @@ STATUS_OVERLOADED: Final = 4  # service queue full
 STATUS_WORKER_LOST: Final = 5  # holder vanished; non-idempotent or out of attempts: outcome unknown
 STATUS_BAD_REQUEST: Final = 6  # malformed frames or header
 STATUS_TOO_LARGE: Final = 7  # payload over the broker's limit
+STATUS_FORBIDDEN: Final = 8  # the client's CURVE key may not call this service
 
 STATUS_NAMES: Final = {
     STATUS_OK: "ok",
@@ -102,6 +105,7 @@ STATUS_NAMES: Final = {
     STATUS_WORKER_LOST: "worker-lost",
     STATUS_BAD_REQUEST: "bad-request",
     STATUS_TOO_LARGE: "too-large",
+    STATUS_FORBIDDEN: "forbidden",
 }
 
 _packb: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
@@ -261,6 +265,7 @@ _ERROR_BY_STATUS: Final[dict[int, type[ZRouterError]]] = {
     STATUS_WORKER_LOST: WorkerLost,
     STATUS_BAD_REQUEST: ProtocolError,
     STATUS_TOO_LARGE: MessageTooLarge,
+    STATUS_FORBIDDEN: Forbidden,
 }
 
 
