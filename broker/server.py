@@ -358,8 +358,8 @@ class Broker:
                 return
             try:
                 if len(frames) != 4 or frames[1].bytes != _SIG:
-                    protocol.check_frames(frames, 1)  # raises the precise BadMessage
-                    raise protocol.BadMessage("frames", "a REQUEST is [signature, header, payload]")
+                    protocol.check_frames(frames, 1)  # raises the precise BadMessage...
+                    protocol.check_payload_count(decode(frames[2].buffer), frames, 1)  # ...with the rid
                 req = decode(frames[2].buffer)
                 payload = frames[3]
                 if len(payload) > max_size:
