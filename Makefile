@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint unit integration bench consul clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml setup.py $(wildcard zrouter/_native/*.pyx zrouter/_native/*.pxd)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -18,6 +18,12 @@ demo: $(STAMP)
 # The README's test command; .ci/run calls exactly this.
 test: $(STAMP) consul lint
 	CONSUL_BIN="$$(scripts/get-consul)" $(PY) -m pytest -q
+	ZROUTER_PURE=1 CONSUL_BIN="$$(scripts/get-consul)" $(PY) -m pytest -q $(PURE_TESTS)
+
+# The suites run a second time on the pure-Python path (ZROUTER_PURE=1; the first run is on
+# the compiled one), so the two cannot drift: every decoder, limit and conversation on both.
+PURE_TESTS := tests/unit tests/protocol tests/fuzz tests/native tests/integration/test_system.py \
+	tests/integration/test_worker_peer.py tests/integration/test_client_peer.py tests/integration/test_worker_inline.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check zrouter broker worker client tests bench scripts

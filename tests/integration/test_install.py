@@ -36,6 +36,12 @@ def test_wheel_installs_under_one_name(tmp_path: Path) -> None:
         cwd=work, capture_output=True, text=True, timeout=60,
     )
     assert ok.returncode == 0 and ok.stdout.strip() == "ok", ok.stderr
+    # The wheel carries the compiled path (setup.py builds it with the Cython of the build
+    # requirements), and a plain install runs it.
+    assert any(n.startswith("zrouter/_native/codec.") and n.endswith(".so") for n in _names(wheel))
+    impl = subprocess.run([str(py), "-c", "from zrouter import _speedups as s; print(s.implementation(), s.why_pure())"],
+                          cwd=work, capture_output=True, text=True, timeout=60, env=_no_pure())
+    assert impl.returncode == 0 and impl.stdout.strip() == "native", (impl.stdout, impl.stderr)
     for name in ("client", "worker", "broker"):
         gone = subprocess.run([str(py), "-c", f"import {name}"], cwd=work, capture_output=True, text=True, timeout=60)
         assert gone.returncode != 0 and "ModuleNotFoundError" in gone.stderr, (name, gone.stdout, gone.stderr)
@@ -46,3 +52,16 @@ def test_wheel_installs_under_one_name(tmp_path: Path) -> None:
     out = subprocess.run([str(py), "-m", "zrouter.broker", "--help"], cwd=work, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "zrouter-broker" in out.stdout, out.stderr
+
+
+def _names(wheel: Path) -> list[str]:
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        return z.namelist()
+
+
+def _no_pure() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "ZROUTER_PURE"}

@@ -1,0 +1,95 @@
+"""Which implementation runs the per-message path: compiled (``zrouter._native``) or pure Python.
+
+Decided once per process, when this module is first imported:
+
+- ``ZROUTER_PURE=1`` in the environment: the pure-Python path, always;
+- otherwise the compiled modules when they were built (``pip install`` builds them, see
+  setup.py) and import cleanly; otherwise the pure-Python path, and :func:`why_pure` says why.
+
+Everything that has two implementations is taken from here, so no caller decides for itself and
+a process never mixes the two. The pure-Python functions in :mod:`zrouter.protocol` are the
+reference: the compiled ones return the same result on every input (tests/fuzz compares them).
+
+    from zrouter import _speedups
+    _speedups.native()          # True when the compiled path runs
+    _speedups.decode_request    # zrouter._native.codec.decode_request or protocol.decode_request
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from types import ModuleType
+from typing import Final
+
+from zrouter import protocol
+
+__all__ = [
+    "PURE_ENV",
+    "decode_reply",
+    "decode_request",
+    "encode_reply",
+    "encode_request",
+    "implementation",
+    "load_native",
+    "native",
+    "why_pure",
+]
+
+log = logging.getLogger("zrouter")
+
+PURE_ENV: Final = "ZROUTER_PURE"
+_MODULES: Final = ("codec",)
+
+
+def load_native(name: str) -> ModuleType:
+    """Import the compiled module ``zrouter._native.NAME`` whatever ZROUTER_PURE says (tests
+    compare the two paths with it). Raises ImportError when it was not built or cannot load."""
+    if name not in _MODULES:
+        raise ImportError(f"no compiled module {name!r}")
+    return importlib.import_module(f"zrouter._native.{name}")
+
+
+def _decide() -> tuple[dict[str, ModuleType], str]:
+    if os.environ.get(PURE_ENV, "") not in ("", "0"):
+        return {}, f"{PURE_ENV}={os.environ[PURE_ENV]} in the environment"
+    loaded: dict[str, ModuleType] = {}
+    for name in _MODULES:
+        try:
+            loaded[name] = load_native(name)
+        except Exception as exc:  # not built, or built against something else: never fatal
+            log.debug("compiled zrouter._native.%s unavailable (%s): using pure Python", name, exc)
+            return {}, f"zrouter._native.{name} did not import: {exc}"
+    return loaded, ""
+
+
+_LOADED, _WHY_PURE = _decide()
+
+
+def native() -> bool:
+    """True when this process runs the compiled per-message path."""
+    return bool(_LOADED)
+
+
+def implementation() -> str:
+    """``"native"`` or ``"pure"`` (for logs, metrics and the bench table)."""
+    return "native" if _LOADED else "pure"
+
+
+def why_pure() -> str:
+    """Why the pure-Python path runs ("" when it does not)."""
+    return _WHY_PURE
+
+
+if _LOADED:
+    _codec = _LOADED["codec"]
+    decode_request = _codec.decode_request
+    decode_reply = _codec.decode_reply
+    encode_request = _codec.encode_request
+    encode_reply = _codec.encode_reply
+else:
+    decode_request = protocol.decode_request
+    decode_reply = protocol.decode_reply
+    encode_request = protocol.encode_request
+    encode_reply = protocol.encode_reply
