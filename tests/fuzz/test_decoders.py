@@ -17,6 +17,7 @@ import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from zrouter import _speedups
 from zrouter import protocol as p
 
 EXAMPLES = int(os.environ.get("ZROUTER_FUZZ_EXAMPLES", "200"))
@@ -40,6 +41,10 @@ headers = st.builds(lambda cmd, rest: [cmd, *rest], st.sampled_from(COMMANDS), s
 DECODERS: list[Callable[[Any], Any]] = [
     p.decode_request, p.decode_reply, p.decode_ready, p.decode_worker_message, p.decode_broker_message,
 ]
+# The compiled twins (zrouter/_native) are held to the same limits; test_native_codec.py also
+# checks that they agree with these exactly.
+_native = _speedups.load_native("codec")
+DECODERS += [_native.decode_request, _native.decode_reply]
 
 
 def _text(value: Any, limit: int) -> bool:
