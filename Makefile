@@ -35,7 +35,11 @@ unit: $(STAMP)
 consul:
 	scripts/get-consul >/dev/null
 
+# NATS and RabbitMQ servers come from Debian (bench/mq.py starts its own on free loopback ports).
 bench: $(STAMP)
+	@if command -v nats-server >/dev/null && [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nats-server rabbitmq-server; \
+	else echo "bench: not root, so NATS and RabbitMQ are left out (apt-get install nats-server rabbitmq-server)"; fi
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench
 

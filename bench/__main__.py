@@ -40,15 +40,17 @@ MODULES = {
     "scale": "bench.scale",
     "simulate": "bench.simulate",
 }
-COLUMNS = ("measurement", "zrouter", "zmq.proxy", "majortomo", "ratio", "target", "ok")
+COLUMNS = ("measurement", "zrouter", "zrouter pure", "zmq.proxy", "majortomo", "NATS", "RabbitMQ", "ratio", "target",
+           "ok")
 
 
 def table(rows: list[Row]) -> str:
     cells = [list(COLUMNS)] + [
-        [r.measurement, r.zrouter, r.proxy, r.majortomo, r.ratio, r.target, r.verdict] for r in rows
+        [r.measurement, r.zrouter, r.pure, r.proxy, r.majortomo, r.nats, r.rabbitmq, r.ratio, r.target, r.verdict]
+        for r in rows
     ]
     widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-    right = {1, 2, 3}
+    right = {1, 2, 3, 4, 5, 6}
 
     def line(c: list[str]) -> str:
         return "| " + " | ".join(x.rjust(w) if i in right else x.ljust(w) for i, (x, w) in enumerate(zip(c, widths, strict=True))) + " |"

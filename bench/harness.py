@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,11 @@ class Row:
     ratio: str = ""
     target: str = ""
     verdict: str = ""
+    # Columns only the throughput and latency sections fill: zrouter on its pure-Python path
+    # (ZROUTER_PURE=1 in broker, workers and client), NATS request-reply, RabbitMQ RPC.
+    pure: str = ""
+    nats: str = ""
+    rabbitmq: str = ""
 
 
 def progress(msg: str) -> None:
@@ -256,17 +261,24 @@ class Cluster:
 
     def __init__(self) -> None:
         self.procs: list[Proc] = []
+        self._at_close: list[Callable[[], None]] = []
 
     def spawn(self, name: str, args: Sequence[str], env: dict[str, str] | None = None, stdin: bool = False) -> Proc:
         proc = Proc(name, args, env, stdin)
         self.procs.append(proc)
         return proc
 
+    def at_close(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once every process has stopped (a server's temp dir, its epmd)."""
+        self._at_close.append(fn)
+
     def close(self) -> None:
         # Workers first (so a zrouter broker does not wait for them on its way out), broker last.
         for proc in reversed(self.procs):
             proc.stop(timeout=3.0)
         self.procs.clear()
+        while self._at_close:
+            self._at_close.pop()()
 
     def __enter__(self) -> Cluster:
         return self
@@ -304,26 +316,29 @@ def start_zrouter(
     broker_args: Sequence[str] = (),
     worker_args: Sequence[str] = (),
     timeout: float = 30.0,
+    env: dict[str, str] | None = None,
 ) -> ZrouterSystem:
     """A broker (``python -m zrouter.broker``) and ``workers`` workers (``python -m zrouter.worker``), ready.
 
     Ready means the broker logged "broker listening" and one "worker ... joined" per worker.
+    ``env`` is added to every process's environment (e.g. ZROUTER_PURE=1).
     """
     front, back = free_tcp_endpoint(), free_tcp_endpoint()
     broker = cluster.spawn(
         "zrouter broker",
         ["-m", "zrouter.broker", "--frontend", front, "--backend", back, "--stats-interval", "3600", *broker_args],
+        env,
     )
     broker.wait_for("broker listening", timeout=timeout)
     system = ZrouterSystem(front, back, broker)
     for i in range(workers):
         weight = weights[i] if weights else 1
-        env = worker_env[i] if worker_env else None
+        wenv = {**(env or {}), **(worker_env[i] if worker_env else {})}
         system.workers.append(cluster.spawn(
             f"zrouter worker {i}",
             ["-m", "zrouter.worker", "--service", service, "--broker", back, "--capacity", str(capacity),
              "--weight", str(weight), *worker_args, handler],
-            env,
+            wenv,
         ))  # fmt: skip
     broker.wait_for(r"worker \S+ joined", workers, timeout=timeout)
     return system

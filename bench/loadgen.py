@@ -30,7 +30,8 @@ import time
 from collections import deque
 from typing import Any
 
-from bench.peers import PipeCounter, mdp_pipe, mdp_sync, proxy_pipe, proxy_sync
+from bench.mq import nats_pipe, nats_sync, rabbitmq_pipe, rabbitmq_sync
+from bench.peers import SYSTEMS, PipeCounter, mdp_pipe, mdp_sync, proxy_pipe, proxy_sync
 from bench.harness import percentile
 
 __all__ = ["main"]
@@ -168,7 +169,8 @@ def fill(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.splitlines()[0])
     p.add_argument("mode", choices=["pipe", "sync", "open", "fill"])
-    p.add_argument("--system", default="zrouter", choices=["zrouter", "proxy", "majortomo"])
+    p.add_argument("--system", default="zrouter", choices=SYSTEMS,
+                   help="zrouter-pure: zrouter's client on its pure-Python path (ZROUTER_PURE=1)")
     p.add_argument("--endpoint", required=True)
     p.add_argument("--size", type=int, default=100, help="payload bytes")
     p.add_argument("--inflight", type=int, default=100)
@@ -185,15 +187,20 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     payload = b"x" * args.size
     out: dict[str, Any]
+    if args.system == "zrouter-pure":
+        os.environ["ZROUTER_PURE"] = "1"  # before anything imports zrouter._speedups
     if args.mode == "pipe":
-        __import__({"zrouter": "client", "proxy": "zmq", "majortomo": "majortomo"}[args.system])
+        __import__({"zrouter": "zrouter.client", "zrouter-pure": "zrouter.client", "proxy": "zmq",
+                    "majortomo": "majortomo", "nats": "nats", "rabbitmq": "aio_pika"}[args.system])
         cpu0 = sum(os.times()[:2])
         counter = PipeCounter(args.warmup, args.duration)
-        drive = {"zrouter": zrouter_pipe, "proxy": proxy_pipe, "majortomo": mdp_pipe}[args.system]
+        drive = {"zrouter": zrouter_pipe, "zrouter-pure": zrouter_pipe, "proxy": proxy_pipe, "majortomo": mdp_pipe,
+                 "nats": nats_pipe, "rabbitmq": rabbitmq_pipe}[args.system]
         out = drive(args.endpoint, payload, args.inflight, counter)
         out["client_cpu_s"] = sum(os.times()[:2]) - cpu0
     elif args.mode == "sync":
-        measure = {"zrouter": zrouter_sync, "proxy": proxy_sync, "majortomo": mdp_sync}[args.system]
+        measure = {"zrouter": zrouter_sync, "zrouter-pure": zrouter_sync, "proxy": proxy_sync, "majortomo": mdp_sync,
+                   "nats": nats_sync, "rabbitmq": rabbitmq_sync}[args.system]
         lat = measure(args.endpoint, payload, int(args.warmup), args.count)
         out = summarize(lat)
     elif args.mode == "open":
@@ -202,6 +209,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         fill(args)
         return
+    if args.system.startswith("zrouter"):
+        from zrouter import _speedups
+
+        out["implementation"] = _speedups.implementation()  # the table says which path ran
     print(json.dumps(out), flush=True)
 
 

@@ -46,7 +46,7 @@ __all__ = [
 
 SNDMORE: Final = int(zmq.SNDMORE)
 SERVICE: Final = b"echo"
-SYSTEMS: Final = ("zrouter", "proxy", "majortomo")
+SYSTEMS: Final = ("zrouter", "zrouter-pure", "proxy", "majortomo", "nats", "rabbitmq")
 
 
 def _say(text: str) -> None:
@@ -205,19 +205,28 @@ System = Any  # ZrouterSystem | PeerSystem: both have .endpoint, .broker and .wo
 
 
 def start_systems(cluster: Cluster, workers: int = 2, capacity: int = 50) -> dict[str, System]:
-    """All three systems side by side (idle ones cost nothing measurable), each with
-    ``workers`` echo workers; zrouter's workers get ``capacity`` credits each. majortomo is
-    left out when it is not installed."""
+    """Every system side by side (idle ones cost nothing measurable), each with ``workers`` echo
+    workers: zrouter on its compiled path and on its pure-Python one (ZROUTER_PURE=1 in every
+    process), zmq.proxy, majortomo, NATS and RabbitMQ (bench/mq.py). zrouter's workers get
+    ``capacity`` credits each, RabbitMQ's a prefetch of as many. Those not installed are left out."""
+    from bench.mq import start_all
+    from zrouter import _speedups
+
+    # --inline: the echo handler runs on the worker's I/O thread, as the baseline's
+    # single-threaded REP workers do; a pool hand-off would measure threads, not routing.
+    if not _speedups.native():
+        progress(f"warning: zrouter's compiled path is not in use ({_speedups.why_pure()}): both columns are pure")
     systems: dict[str, System] = {
-        # --inline: the echo handler runs on the worker's I/O thread, as the baseline's
-        # single-threaded REP workers do; a pool hand-off would measure threads, not routing.
         "zrouter": start_zrouter(cluster, workers, capacity=capacity, worker_args=ZROUTER_WORKER_ARGS),
-        "proxy": start_proxy(cluster, workers),
     }
+    systems["zrouter-pure"] = start_zrouter(cluster, workers, capacity=capacity, worker_args=ZROUTER_WORKER_ARGS,
+                                            env={_speedups.PURE_ENV: "1"})
+    systems["proxy"] = start_proxy(cluster, workers)
     if majortomo_available():
         systems["majortomo"] = start_majortomo(cluster, workers)
     else:
-        progress("majortomo is not installed (pip install -e '.[bench]'): comparing with zmq.proxy only")
+        progress("majortomo is not installed (pip install -e '.[bench]'): left out")
+    systems.update(start_all(cluster, workers, capacity))
     return systems
 
 

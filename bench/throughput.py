@@ -20,7 +20,6 @@ from bench.harness import (
     Settings,
     cpu_seconds,
     cpu_split,
-    fmt_int,
     fmt_ratio,
     median,
     progress,
@@ -32,7 +31,22 @@ __all__ = ["CAPACITY", "measure_pipe", "plot", "rows", "run"]
 
 CAPACITY = 50  # zrouter credits per echo worker: 2 x 50 >= the 100 requests in flight
 INFLIGHT = 100
-LABELS = {"zrouter": "zrouter", "proxy": "zmq.proxy", "majortomo": "majortomo"}
+LABELS = {"zrouter": "zrouter", "zrouter-pure": "zrouter pure", "proxy": "zmq.proxy", "majortomo": "majortomo",
+          "nats": "NATS", "rabbitmq": "RabbitMQ"}
+
+
+def cells(res: dict[str, Any], key: str, fmt: str) -> dict[str, str]:
+    """One table cell per system column (Row's keyword fields), ``-`` where a system did not run."""
+    field = {"zrouter": "zrouter", "zrouter-pure": "pure", "proxy": "proxy", "majortomo": "majortomo", "nats": "nats",
+             "rabbitmq": "rabbitmq"}
+    return {f: (format(res[s][key], fmt) if s in res else "-") for s, f in field.items()}
+
+
+def ratio(res: dict[str, Any], key: str, a: str, b: str) -> float:
+    """res[a][key] / res[b][key], NaN when either system did not run."""
+    if a not in res or b not in res or not res[b][key]:
+        return float("nan")
+    return float(res[a][key]) / float(res[b][key])
 
 
 def measure_pipe(
@@ -70,7 +84,7 @@ def run(cfg: Settings) -> dict[str, Any]:
             for name, system in systems.items():
                 res = measure_pipe(name, system, 100, INFLIGHT, warmup, duration)
                 per.setdefault(name, []).append(res)
-                progress(f"throughput run {r + 1}/{runs} {LABELS[name]:<10} {res['rate']:>9,.0f} req/s  "
+                progress(f"throughput run {r + 1}/{runs} {LABELS[name]:<12} {res['rate']:>9,.0f} req/s  "
                          f"broker {res['broker_cpu_us']:.1f} µs/req")
     out: dict[str, Any] = {"runs": per, "capacity": CAPACITY, "inflight": INFLIGHT, "duration": duration}
     for name, results in per.items():
@@ -84,32 +98,42 @@ def run(cfg: Settings) -> dict[str, Any]:
 
 
 def rows(res: dict[str, Any]) -> list[Row]:
-    z = res["zrouter"]["rate"]
-    p = res["proxy"]["rate"]
-    m = res.get("majortomo", {}).get("rate", float("nan"))
-    vs_p, vs_m = z / p, z / m
+    """Targets are issue 12's, for the compiled path: >= 0.40x zmq.proxy (stretch 0.60x),
+    >= 10x majortomo, >= 1.0x NATS; broker CPU <= 2.5x the proxy's (stretch 1.5x) and no more
+    than the NATS server's; the pure path no slower than before (compare with an older run)."""
+    vs_p, vs_m, vs_n = (ratio(res, "rate", "zrouter", s) for s in ("proxy", "majortomo", "nats"))
+    pure = ratio(res, "rate", "zrouter", "zrouter-pure")
     n = len(res["runs"]["zrouter"])
+
+    def ok(x: float, good: bool) -> str:
+        return "n/a" if x != x else "ok" if good else "MISS"
+
     out = [Row(
         f"1 pipelined req/s, 100 in flight (median of {n})",
-        fmt_int(z), fmt_int(p), fmt_int(m),
-        f"{fmt_ratio(vs_p)} proxy, {fmt_ratio(vs_m)} mt",
-        ">=0.50x proxy (0.70x); >=5x mt",
-        ("ok" if vs_p >= 0.5 else "MISS") + " / " + ("n/a" if m != m else "ok" if vs_m >= 5 else "MISS"),
+        ratio=f"{fmt_ratio(vs_p)} proxy, {fmt_ratio(vs_m)} mt, {fmt_ratio(vs_n)} NATS; {fmt_ratio(pure)} pure",
+        target=">=0.40x proxy (0.60x); >=10x mt; >=1x NATS",
+        verdict=" / ".join((ok(vs_p, vs_p >= 0.40), ok(vs_m, vs_m >= 10), ok(vs_n, vs_n >= 1.0))),
+        **cells(res, "rate", ",.0f"),
     )]  # fmt: skip
     for key, label in (("broker_cpu_us", "broker"), ("workers_cpu_us", "workers (sum)"), ("client_cpu_us", "client")):
-        cells = [f"{res[s][key]:.1f}" if s in res else "-" for s in ("zrouter", "proxy", "majortomo")]
-        out.append(Row(f"  CPU µs per request: {label}", cells[0], cells[1], cells[2]))
+        row = Row(f"  CPU µs per request: {label}", **cells(res, key, ".1f"))
+        if key == "broker_cpu_us":
+            bp, bn = ratio(res, key, "zrouter", "proxy"), ratio(res, key, "zrouter", "nats")
+            row.ratio = f"{fmt_ratio(bp)} proxy, {fmt_ratio(bn)} NATS"
+            row.target = "<=2.5x proxy (1.5x); <=1x NATS"
+            row.verdict = ok(bp, bp <= 2.5) + " / " + ok(bn, bn <= 1.0)
+        out.append(row)
     return out
 
 
 def plot(res: dict[str, Any], outdir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
-    names = [n for n in ("zrouter", "proxy", "majortomo") if n in res]
+    names = [n for n in LABELS if n in res]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     rates = [res[n]["rate"] for n in names]
     err = [[res[n]["rate"] - res[n]["min"] for n in names], [res[n]["max"] - res[n]["rate"] for n in names]]
-    bars = ax.bar([LABELS[n] for n in names], rates, yerr=err, capsize=6, color=["#1f77b4", "#7f7f7f", "#ff7f0e"][: len(names)])
+    bars = ax.bar([LABELS[n] for n in names], rates, yerr=err, capsize=6, color=["#1f77b4", "#aec7e8", "#7f7f7f", "#ff7f0e", "#2ca02c", "#9467bd"][: len(names)])
     for bar, n in zip(bars, names, strict=True):
         ratio = res[n]["rate"] / res["proxy"]["rate"]
         ax.annotate(f"{res[n]['rate']:,.0f}\n({ratio:.2f}x proxy)", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
