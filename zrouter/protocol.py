@@ -421,7 +421,7 @@ def decode_request(frame: Buffer) -> Request:
                          max_map_len=MAX_META_ENTRIES * 2, max_ext_len=0)
         except Exception:
             h = None
-        if type(h) is list and len(h) >= 7 and h[0] == REQUEST:
+        if type(h) is list and len(h) >= 7 and type(h[0]) is int and h[0] == REQUEST:  # True == 1.0 == 1
             req = h[1:7]
             rid, service, timeout_ms, attempt, flags, key = req
             if (type(rid) is int and 0 < rid <= MAX_RID

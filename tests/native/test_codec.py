@@ -114,6 +114,8 @@ REFUSED = [
     b"\x97\x01\x05\xa4echo\x64\x00\x01\xcf\x00",  # truncated uint64
     pack([P, 5, 0, 0, None, None]), pack([0x7F, 5, "echo", 100, 0, 1, None]), pack([2**64 - 1, 5]),
     pack([-3, 5, "echo", 100, 0, 1, None]),
+    pack([True, 5, "echo", 100, 0, 1, None]), pack([1.0, 5, "echo", 100, 0, 1, None]),  # == 1, but no integer
+    pack([True, 5, 0, 0, None, None]), pack([2.0, 5, 0, 0, None, None]),
     pack([P, 5, 256, 0, None, None]), pack([P, 5, 0, 0, "m" * 1025, None]), pack([P, 5, 0, 0, None, b"E"]),
     pack([P, -5, 0, 0, None, None]), pack([P, 5, 0, 0, None]), pack([P, 5, 0, 2**32, None, None]),
     pack([R, 5, "echo", 100, 0, 1, None]) + b"",
@@ -125,6 +127,15 @@ REFUSED = [
 def test_edge_inputs_give_the_same_outcome(frame: bytes) -> None:
     same("decode_request", frame)
     same("decode_reply", frame)
+
+
+def test_a_command_that_only_equals_an_integer_is_refused() -> None:
+    # docs/protocol.md: "A boolean is not an integer anywhere ... and neither is a float".
+    for cmd in (True, 1.0):
+        for decode in (p.decode_request, native.decode_request):
+            with pytest.raises(p.BadMessage) as info:
+                decode(pack([cmd, 5, "echo", 100, 0, 1, None]))
+            assert info.value.kind == "not_array"
 
 
 def test_any_buffer_reads_the_same() -> None:
