@@ -18,7 +18,7 @@ import sys
 
 from setuptools import Extension, setup
 
-MODULES = ["codec"]
+MODULES = ["codec", "wire"]
 
 
 def extensions() -> list[Extension]:

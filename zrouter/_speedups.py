@@ -13,6 +13,7 @@ reference: the compiled ones return the same result on every input (tests/fuzz c
     from zrouter import _speedups
     _speedups.native()          # True when the compiled path runs
     _speedups.decode_request    # zrouter._native.codec.decode_request or protocol.decode_request
+    _speedups.recv_frames       # zrouter._native.wire.recv_frames or transport.recv_frames
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 from types import ModuleType
 from typing import Final
 
-from zrouter import protocol
+from zrouter import protocol, transport
 
 __all__ = [
     "PURE_ENV",
@@ -34,13 +35,15 @@ __all__ = [
     "implementation",
     "load_native",
     "native",
+    "recv_frames",
+    "send_frames",
     "why_pure",
 ]
 
 log = logging.getLogger("zrouter")
 
 PURE_ENV: Final = "ZROUTER_PURE"
-_MODULES: Final = ("codec",)
+_MODULES: Final = ("codec", "wire")
 
 
 def load_native(name: str) -> ModuleType:
@@ -88,8 +91,13 @@ if _LOADED:
     decode_reply = _codec.decode_reply
     encode_request = _codec.encode_request
     encode_reply = _codec.encode_reply
+    _wire = _LOADED["wire"]
+    recv_frames = _wire.recv_frames
+    send_frames = _wire.send_frames
 else:
     decode_request = protocol.decode_request
     decode_reply = protocol.decode_reply
     encode_request = protocol.encode_request
     encode_reply = protocol.encode_reply
+    recv_frames = transport.recv_frames
+    send_frames = transport.send_frames
