@@ -28,7 +28,9 @@ from zrouter.broker.router import Router
 if TYPE_CHECKING:
     from zrouter.broker.consul_link import ConsulLink
 from zrouter import protocol
-from zrouter.transport import NOBLOCK, SNDMORE, recv_frames
+from zrouter.transport import NOBLOCK
+# The per-message codec and socket calls: compiled when built, else zrouter.protocol/transport.
+from zrouter._speedups import decode_request, recv_frames, send_frames
 
 __all__ = ["Broker", "BrokerConfig"]
 
@@ -159,27 +161,19 @@ class Broker:
     # -- sink (called by the router) --------------------------------------------------------
 
     def to_worker(self, ident: bytes, header: bytes, payload: Any) -> bool:
-        back = self.back
+        # One call per message; NOBLOCK matters for the first frame only (the identity): once
+        # it is in, the rest of the message is too.
         try:
-            back.send(ident, SNDMORE | NOBLOCK)
+            send_frames(self.back, (ident, _SIG, header) if payload is None else (ident, _SIG, header, payload),
+                        NOBLOCK)
         except zmq.ZMQError as exc:
             if exc.errno in (errno.EHOSTUNREACH, errno.EAGAIN):
                 return False
             raise
-        back.send(_SIG, SNDMORE)
-        if payload is None:
-            back.send(header, 0)
-        else:
-            back.send(header, SNDMORE)
-            back.send(payload, 0, copy=False)
         return True
 
     def to_client(self, client: bytes, header: bytes, payload: Any) -> None:
-        front = self.front
-        front.send(client, SNDMORE)
-        front.send(_SIG, SNDMORE)
-        front.send(header, SNDMORE)
-        front.send(payload, 0, copy=False)
+        send_frames(self.front, (client, _SIG, header, payload), 0)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -350,7 +344,7 @@ class Broker:
         front = self.front
         request = self.router.request
         max_size = self.config.max_message_size
-        decode = protocol.decode_request
+        decode = decode_request
         for _ in range(BATCH):
             try:
                 frames = recv_frames(front, NOBLOCK)

@@ -35,11 +35,11 @@ from zrouter.protocol import (
     check_frames,
     decode_payload,
     encode_payload,
-    encode_request,
     error_for_status,
-    decode_reply,
 )
-from zrouter.transport import NOBLOCK, recv_frames, send_frames
+from zrouter.transport import NOBLOCK
+# The per-request codec and socket calls: compiled when built, else zrouter.protocol/transport.
+from zrouter._speedups import decode_reply, encode_request, recv_frames, send_frames
 
 __all__ = ["DEFAULT_BROKER", "DEFAULT_TIMEOUT", "ClientCore", "Entry", "request_frames"]
 

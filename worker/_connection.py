@@ -21,7 +21,9 @@ from typing import Any, Final
 import zmq
 
 from zrouter.protocol import SIGNATURE, encode_heartbeat
-from zrouter.transport import NOBLOCK, SNDMORE, send_frames
+from zrouter.transport import NOBLOCK
+# Compiled when built, else zrouter.transport's.
+from zrouter._speedups import send_frames
 
 __all__ = [
     "ACTIVE",
@@ -42,8 +44,6 @@ BACKOFF_INITIAL: Final = 0.1
 BACKOFF_MAX: Final = 2.0
 
 _HEARTBEAT_FRAMES: Final = (SIGNATURE, encode_heartbeat())
-_MORE: Final = SNDMORE | NOBLOCK
-_COPY_BELOW: Final = 65536  # pyzmq's default copy_threshold
 
 
 def backoff_delay(
@@ -138,18 +138,17 @@ class BrokerConnection:
         return True
 
     def reply(self, header: bytes, payload: Any, now: float) -> None:
-        """Send a REPLY ``[SIGNATURE, header, payload]`` like :meth:`send`, small frames by copy
-        (cheaper than pyzmq's zero-copy bookkeeping below its copy threshold)."""
+        """Send a REPLY ``[SIGNATURE, header, payload]`` like :meth:`send` (small frames are
+        copied, large ones passed by reference: cheaper than pyzmq's zero-copy bookkeeping
+        below its copy threshold)."""
         sock = self.sock
         if sock is None:
             return
         try:
-            sock.send(SIGNATURE, _MORE)
+            send_frames(sock, (SIGNATURE, header, payload), NOBLOCK)
         except zmq.Again:
             log.debug("broker %s not reading: reply dropped", self.endpoint)
             return
-        sock.send(header, _MORE)  # the first frame is in: the rest of the message is too
-        sock.send(payload, NOBLOCK, copy=len(payload) < _COPY_BELOW)
         self.last_send = now
 
     def heartbeat(self, now: float) -> None:

@@ -36,7 +36,8 @@ from zrouter.protocol import (
     encode_reply,
     encode_update,
 )
-from zrouter.transport import NOBLOCK, recv_frames
+from zrouter.transport import NOBLOCK
+from zrouter._speedups import recv_frames  # compiled when built, else zrouter.transport's
 
 from ._connection import ACTIVE, BACKOFF, DRAINING, BrokerConnection, split_capacity
 from ._handlers import Job, Reply, Runner

@@ -25,8 +25,8 @@ from zrouter.protocol import (
     STATUS_REMOTE_ERROR,
     decode_payload,
     encode_payload,
-    encode_reply,
 )
+from zrouter._speedups import encode_reply  # compiled when built, else zrouter.protocol's
 
 from ._context import RequestInfo, _current
 

@@ -40,9 +40,10 @@ from zrouter.protocol import (
     STATUS_TIMEOUT,
     decode_header,
     decode_payload,
-    encode_reply,
 )
 from zrouter.transport import NOBLOCK
+# Compiled when built, else zrouter.protocol/transport's.
+from zrouter._speedups import encode_reply, recv_frames
 
 from ._connection import DRAINING, BrokerConnection
 from ._context import RequestInfo, _current
@@ -115,22 +116,17 @@ class InlineEngine(Engine):
         return self._run_queue(now) if self._queue else now
 
     def _on_broker(self, conn: BrokerConnection, sock: zmq.Socket[Any], now: float) -> None:
-        recv = sock.recv
         append = self._queue.append
         for _ in range(_BATCH):
             try:
-                first = recv(NOBLOCK, copy=False)
+                frames = recv_frames(sock, NOBLOCK)
             except zmq.Again:
                 return
             conn.last_recv = now
-            header_frame = payload = None
-            if first.more:
-                header_frame = recv(0, copy=False)
-                if header_frame.more:
-                    payload = recv(0, copy=False)
-                    extra = payload
-                    while extra.more:  # tolerated: later versions may append frames
-                        extra = recv(0, copy=False)
+            n = len(frames)
+            first = frames[0]
+            header_frame = frames[1] if n > 1 else None
+            payload = frames[2] if n > 2 else None  # frames past it are tolerated: later versions
             if header_frame is None or first.bytes != SIGNATURE:
                 log.warning("broker %s sent a message without the zrouter signature", conn.endpoint)
                 continue

@@ -21,8 +21,11 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from collections.abc import Callable
 from types import ModuleType
 from typing import Final
+
+import zmq
 
 from zrouter import protocol, transport
 
@@ -85,13 +88,20 @@ def why_pure() -> str:
     return _WHY_PURE
 
 
+# The functions with two implementations, typed as the reference's.
+decode_request: Callable[[protocol.Buffer], protocol.Request]
+decode_reply: Callable[[protocol.Buffer], protocol.Reply]
+encode_request: Callable[..., bytes]
+encode_reply: Callable[..., bytes]
+recv_frames: Callable[..., list[zmq.Frame]]
+send_frames: Callable[..., None]
+
 if _LOADED:
-    _codec = _LOADED["codec"]
+    _codec, _wire = _LOADED["codec"], _LOADED["wire"]
     decode_request = _codec.decode_request
     decode_reply = _codec.decode_reply
     encode_request = _codec.encode_request
     encode_reply = _codec.encode_reply
-    _wire = _LOADED["wire"]
     recv_frames = _wire.recv_frames
     send_frames = _wire.send_frames
 else:
