@@ -18,7 +18,7 @@ import sys
 
 from setuptools import Extension, setup
 
-MODULES = ["codec", "wire"]
+MODULES = ["codec", "wire", "drain"]
 
 
 def extensions() -> list[Extension]:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 from zrouter import protocol
 from zrouter.transport import NOBLOCK
 # The per-message codec and socket calls: compiled when built, else zrouter.protocol/transport.
-from zrouter._speedups import decode_request, recv_frames, send_frames
+from zrouter._speedups import decode_request, decode_worker_message, drain_replies, drain_requests, send_frames
 
 __all__ = ["Broker", "BrokerConfig"]
 
@@ -281,17 +281,24 @@ class Broker:
 
     def _drain_backend(self, now: float) -> bool:
         """Handle up to BATCH worker messages; True if there may be more."""
-        back = self.back
-        for _ in range(BATCH):
-            try:
-                frames = recv_frames(back, NOBLOCK)
-            except zmq.Again:
-                return False
-            try:
-                self._on_worker_message(frames, now)
-            except protocol.BadMessage as exc:
-                log.warning("bad message from worker %s: %s", frames[0].bytes.hex(), exc)
-        return True
+        return drain_replies(self.back, BATCH, self._on_reply, self._on_worker_frames, now)
+
+    def _on_reply(self, ident: bytes, rid: int, status: int, flags: int, message: str | None,
+                  error_type: str | None, payload: Any, now: float) -> None:
+        """A well-formed REPLY, decoded (by drain_replies: compiled, or _on_worker_message)."""
+        router = self.router
+        w = router.workers.get(ident)
+        if w is None:
+            self._disconnect(ident, "reply from an unknown worker")
+            return
+        w.last_seen = now
+        router.worker_reply(w, rid, status, flags, message, error_type, payload, now)
+
+    def _on_worker_frames(self, frames: list[zmq.Frame], now: float) -> None:
+        try:
+            self._on_worker_message(frames, now)
+        except protocol.BadMessage as exc:
+            log.warning("bad message from worker %s: %s", frames[0].bytes.hex(), exc)
 
     def _on_worker_message(self, frames: list[zmq.Frame], now: float) -> None:
         router = self.router
@@ -304,15 +311,12 @@ class Broker:
                 self._disconnect(ident, "heartbeat from an unknown worker")
             return
         protocol.check_frames(frames, 1)
-        msg = protocol.decode_worker_message(frames[2].buffer)
+        msg = decode_worker_message(frames[2].buffer)
         protocol.check_payload_count(msg, frames, 1)
         kind = type(msg)
         if kind is protocol.Reply:
-            if w is None:
-                self._disconnect(ident, "reply from an unknown worker")
-                return
             r: protocol.Reply = msg  # type: ignore[assignment]
-            router.worker_reply(w, r.rid, r.status, r.flags, r.message, r.error_type, frames[3], now)
+            self._on_reply(ident, r.rid, r.status, r.flags, r.message, r.error_type, frames[3], now)
         elif kind is protocol.Heartbeat:
             if w is None:
                 self._disconnect(ident, "heartbeat from an unknown worker")
@@ -341,33 +345,32 @@ class Broker:
         self.to_worker(ident, protocol.encode_disconnect(why), None)
 
     def _drain_frontend(self, now: float) -> None:
-        front = self.front
-        request = self.router.request
+        # Compiled: the common valid REQUEST goes from the socket to router.request in C; every
+        # other message (and every message on the pure path) to _on_client_message.
+        drain_requests(self.front, BATCH, self.config.max_message_size, self.router.request,
+                       self._on_client_message, now)
+
+    def _on_client_message(self, frames: list[zmq.Frame], now: float) -> None:
         max_size = self.config.max_message_size
         decode = decode_request
-        for _ in range(BATCH):
-            try:
-                frames = recv_frames(front, NOBLOCK)
-            except zmq.Again:
+        try:
+            if len(frames) != 4 or frames[1].bytes != _SIG:
+                protocol.check_frames(frames, 1)  # raises the precise BadMessage...
+                protocol.check_payload_count(decode(frames[2].buffer), frames, 1)  # ...with the rid
+            req = decode(frames[2].buffer)
+            payload = frames[3]
+            if len(payload) > max_size:
+                self.router.stats.bad += 1
+                self.router.answer(frames[0].bytes, req.rid, protocol.STATUS_TOO_LARGE,
+                                   f"payload of {len(payload)} bytes is over the limit of {max_size}")
                 return
-            try:
-                if len(frames) != 4 or frames[1].bytes != _SIG:
-                    protocol.check_frames(frames, 1)  # raises the precise BadMessage...
-                    protocol.check_payload_count(decode(frames[2].buffer), frames, 1)  # ...with the rid
-                req = decode(frames[2].buffer)
-                payload = frames[3]
-                if len(payload) > max_size:
-                    self.router.stats.bad += 1
-                    self.router.answer(frames[0].bytes, req.rid, protocol.STATUS_TOO_LARGE,
-                                       f"payload of {len(payload)} bytes is over the limit of {max_size}")
-                    continue
-                key = req.key
-                if isinstance(key, str):
-                    key = key.encode()
-                request(frames[0].bytes, req.rid, req.service, req.timeout_ms, req.attempt, req.flags, key,
-                        payload, now)
-            except protocol.BadMessage as exc:
-                self._bad_request(frames, exc)  # malformed input: answer it, keep serving
+            key = req.key
+            if isinstance(key, str):
+                key = key.encode()
+            self.router.request(frames[0].bytes, req.rid, req.service, req.timeout_ms, req.attempt, req.flags, key,
+                                payload, now)
+        except protocol.BadMessage as exc:
+            self._bad_request(frames, exc)  # malformed input: answer it, keep serving
 
     def _bad_request(self, frames: list[zmq.Frame], exc: protocol.BadMessage) -> None:
         self.router.stats.bad += 1

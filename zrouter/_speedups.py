@@ -27,12 +27,15 @@ from typing import Final
 
 import zmq
 
-from zrouter import protocol, transport
+from zrouter import _drain, protocol, transport
 
 __all__ = [
     "PURE_ENV",
     "decode_reply",
     "decode_request",
+    "decode_worker_message",
+    "drain_replies",
+    "drain_requests",
     "encode_reply",
     "encode_request",
     "implementation",
@@ -46,7 +49,7 @@ __all__ = [
 log = logging.getLogger("zrouter")
 
 PURE_ENV: Final = "ZROUTER_PURE"
-_MODULES: Final = ("codec", "wire")
+_MODULES: Final = ("codec", "wire", "drain")
 
 
 def load_native(name: str) -> ModuleType:
@@ -91,23 +94,32 @@ def why_pure() -> str:
 # The functions with two implementations, typed as the reference's.
 decode_request: Callable[[protocol.Buffer], protocol.Request]
 decode_reply: Callable[[protocol.Buffer], protocol.Reply]
+decode_worker_message: Callable[[protocol.Buffer], protocol.WorkerMessage]
 encode_request: Callable[..., bytes]
 encode_reply: Callable[..., bytes]
 recv_frames: Callable[..., list[zmq.Frame]]
 send_frames: Callable[..., None]
+drain_requests: Callable[..., bool]
+drain_replies: Callable[..., bool]
 
 if _LOADED:
     _codec, _wire = _LOADED["codec"], _LOADED["wire"]
     decode_request = _codec.decode_request
     decode_reply = _codec.decode_reply
+    decode_worker_message = _codec.decode_worker_message
     encode_request = _codec.encode_request
     encode_reply = _codec.encode_reply
     recv_frames = _wire.recv_frames
     send_frames = _wire.send_frames
+    drain_requests = _LOADED["drain"].drain_requests
+    drain_replies = _LOADED["drain"].drain_replies
 else:
     decode_request = protocol.decode_request
     decode_reply = protocol.decode_reply
+    decode_worker_message = protocol.decode_worker_message
     encode_request = protocol.encode_request
     encode_reply = protocol.encode_reply
     recv_frames = transport.recv_frames
     send_frames = transport.send_frames
+    drain_requests = _drain.drain_requests
+    drain_replies = _drain.drain_replies

@@ -17,7 +17,8 @@ from zrouter import _speedups
 from zrouter import protocol as p
 
 native = _speedups.load_native("codec")
-PAIRS = [(native.decode_request, p.decode_request), (native.decode_reply, p.decode_reply)]
+PAIRS = [(native.decode_request, p.decode_request), (native.decode_reply, p.decode_reply),
+         (native.decode_worker_message, p.decode_worker_message)]
 
 
 def _agree(frame: Any) -> None:

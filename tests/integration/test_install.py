@@ -38,7 +38,9 @@ def test_wheel_installs_under_one_name(tmp_path: Path) -> None:
     assert ok.returncode == 0 and ok.stdout.strip() == "ok", ok.stderr
     # The wheel carries the compiled path (setup.py builds it with the Cython of the build
     # requirements), and a plain install runs it.
-    assert any(n.startswith("zrouter/_native/codec.") and n.endswith(".so") for n in _names(wheel))
+    names = _names(wheel)
+    for module in ("codec", "wire", "drain"):
+        assert any(n.startswith(f"zrouter/_native/{module}.") and n.endswith(".so") for n in names), module
     impl = subprocess.run([str(py), "-c", "from zrouter import _speedups as s; print(s.implementation(), s.why_pure())"],
                           cwd=work, capture_output=True, text=True, timeout=60, env=_no_pure())
     assert impl.returncode == 0 and impl.stdout.strip() == "native", (impl.stdout, impl.stderr)

@@ -127,6 +127,7 @@ REFUSED = [
 def test_edge_inputs_give_the_same_outcome(frame: bytes) -> None:
     same("decode_request", frame)
     same("decode_reply", frame)
+    same("decode_worker_message", frame)
 
 
 def test_a_command_that_only_equals_an_integer_is_refused() -> None:

@@ -33,11 +33,12 @@ cdef extern from "Python.h":
     Py_ssize_t PyBytes_GET_SIZE(object o)
     unsigned long long PyLong_AsUnsignedLongLong(object o) except? -1
 
-__all__ = ["decode_reply", "decode_request", "encode_reply", "encode_request"]
+__all__ = ["decode_reply", "decode_request", "decode_worker_message", "encode_reply", "encode_request"]
 
 # The reference, for every input the fast path leaves to it.
 _py_decode_request = _p.decode_request
 _py_decode_reply = _p.decode_reply
+_py_decode_worker_message = _p.decode_worker_message
 _py_encode_request = _p.encode_request
 _py_encode_reply = _p.encode_reply
 _Request = _p.Request
@@ -292,6 +293,13 @@ def decode_reply(frame):
     """:func:`zrouter.protocol.decode_reply`, compiled (same result on every input)."""
     msg = _decode(frame, False)
     return _py_decode_reply(frame) if msg is None else msg
+
+
+def decode_worker_message(frame):
+    """:func:`zrouter.protocol.decode_worker_message`, compiled for REPLY (the reference for
+    every other command): same result on every input."""
+    msg = _decode(frame, False)
+    return _py_decode_worker_message(frame) if msg is None else msg
 
 
 # -- writing ----------------------------------------------------------------------------------

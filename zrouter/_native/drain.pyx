@@ -1,0 +1,125 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The broker's socket drain loops, compiled (the reference is zrouter/_drain.py).
+
+A valid REQUEST from a client (4 frames with the envelope, the signature, a header the
+compiled codec takes on its fast path, a payload within the size limit) goes straight to
+``request(client, rid, service, timeout_ms, attempt, flags, key, payload, now)``; a valid REPLY
+from a worker (same shape) to ``reply(worker, rid, status, flags, message, error_type, payload,
+now)``. Those are the calls the broker's per-message Python code makes for such messages
+(a str key is passed as its UTF-8 bytes, as that code does). Every other message, malformed
+ones and all control traffic, goes to ``other(frames, now)``: that same Python code.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.long cimport PyLong_FromUnsignedLongLong
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdint cimport uint8_t
+from libc.string cimport memcmp
+
+from zrouter._native.codec cimport (
+    Item, K_BIN, K_NIL, K_STR, K_UINT, MAX_ITEMS, PARSE_OK, parse_header,
+)
+
+import zmq
+
+from zrouter import protocol as _p
+from zrouter._native.wire import recv_frames as _recv
+
+__all__ = ["drain_replies", "drain_requests"]
+
+cdef enum:
+    NOBLOCK = 1
+    MAX_HEADER_SIZE = 8192
+    MAX_SERVICE_LEN = 255
+    MAX_KEY_LEN = 255
+    MAX_TIMEOUT_MS = 86400000
+    MAX_ATTEMPT = 255
+    MAX_STATUS = 255
+    MAX_TEXT_LEN = 1024
+
+assert _p.SIGNATURE == b"ZRT1" and int(zmq.NOBLOCK) == NOBLOCK
+assert _p.MAX_HEADER_SIZE == MAX_HEADER_SIZE and _p.MAX_TEXT_LEN == MAX_TEXT_LEN
+
+_Again = zmq.Again
+
+
+cdef inline bint _is_sig(object frame):
+    cdef Py_buffer view
+    cdef bint ok
+    PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE)
+    ok = view.len == 4 and memcmp(view.buf, b"ZRT1", 4) == 0
+    PyBuffer_Release(&view)
+    return ok
+
+
+cdef inline int _header(object frame, Item *items, int *count) except? -99:
+    cdef Py_buffer view
+    cdef int rc
+    PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE)
+    if view.len > MAX_HEADER_SIZE:
+        rc = -1
+    else:
+        rc = parse_header(<const uint8_t *>view.buf, view.len, items, count)
+    PyBuffer_Release(&view)
+    return rc
+
+
+cdef inline object _text(const Item *it):
+    return PyUnicode_DecodeUTF8(it.s, it.n, NULL)
+
+
+def drain_requests(sock, int batch, Py_ssize_t max_size, request, other, now):
+    """See zrouter/_drain.py; returns True when ``batch`` messages were read."""
+    cdef Item items[MAX_ITEMS]
+    cdef int count, i, kk
+    cdef list frames
+    for i in range(batch):
+        try:
+            frames = _recv(sock, NOBLOCK)
+        except _Again:
+            return False
+        count = 0
+        if (len(frames) == 4 and _is_sig(frames[1]) and _header(frames[2], items, &count) == PARSE_OK
+                and count >= 7 and items[0].kind == K_UINT and items[0].u == 1
+                and items[1].kind == K_UINT and items[1].u >= 1
+                and items[2].kind == K_STR and 1 <= items[2].n <= MAX_SERVICE_LEN
+                and items[3].kind == K_UINT and 1 <= items[3].u <= MAX_TIMEOUT_MS
+                and items[4].kind == K_UINT and items[4].u <= MAX_ATTEMPT
+                and items[5].kind == K_UINT and items[5].u <= 0xFFFFFFFFu
+                and (items[6].kind == K_NIL or ((items[6].kind == K_BIN or items[6].kind == K_STR)
+                                                and items[6].n <= MAX_KEY_LEN))
+                and len(frames[3]) <= max_size):
+            kk = items[6].kind
+            key = None if kk == K_NIL else PyBytes_FromStringAndSize(items[6].s, items[6].n)
+            request(frames[0].bytes, PyLong_FromUnsignedLongLong(items[1].u), _text(&items[2]), <long>items[3].u,
+                    <long>items[4].u, PyLong_FromUnsignedLongLong(items[5].u), key, frames[3], now)
+        else:
+            other(frames, now)
+    return True
+
+
+def drain_replies(sock, int batch, reply, other, now):
+    """See zrouter/_drain.py; returns True when ``batch`` messages were read."""
+    cdef Item items[MAX_ITEMS]
+    cdef int count, i
+    cdef list frames
+    for i in range(batch):
+        try:
+            frames = _recv(sock, NOBLOCK)
+        except _Again:
+            return False
+        count = 0
+        if (len(frames) == 4 and _is_sig(frames[1]) and _header(frames[2], items, &count) == PARSE_OK
+                and count >= 6 and items[0].kind == K_UINT and items[0].u == 2
+                and items[1].kind == K_UINT
+                and items[2].kind == K_UINT and items[2].u <= MAX_STATUS
+                and items[3].kind == K_UINT and items[3].u <= 0xFFFFFFFFu
+                and (items[4].kind == K_NIL or (items[4].kind == K_STR and items[4].n <= MAX_TEXT_LEN))
+                and (items[5].kind == K_NIL or (items[5].kind == K_STR and items[5].n <= MAX_TEXT_LEN))):
+            reply(frames[0].bytes, PyLong_FromUnsignedLongLong(items[1].u), <long>items[2].u,
+                  PyLong_FromUnsignedLongLong(items[3].u), None if items[4].kind == K_NIL else _text(&items[4]),
+                  None if items[5].kind == K_NIL else _text(&items[5]), frames[3], now)
+        else:
+            other(frames, now)
+    return True
