@@ -188,8 +188,11 @@ def recv_frames(sock, int flags=0):
     while more:
         part = Part.__new__(Part)
         while True:
-            with nogil:
+            if flags & ZMQ_DONTWAIT:  # returns at once: keep the GIL (no hand-over to other threads)
                 rc = zr.msg_recv(&part.msg, h, flags)
+            else:
+                with nogil:
+                    rc = zr.msg_recv(&part.msg, h, flags)
             if rc >= 0:
                 break
             err = zr.zerrno()
@@ -231,8 +234,11 @@ cdef int _send_one(void *h, object sock, object frame, int flags) except -1:
             memcpy(zr.msg_data(&msg), view.buf, n)
         finally:
             PyBuffer_Release(&view)
-    with nogil:
+    if flags & ZMQ_DONTWAIT:
         rc = zr.msg_send(&msg, h, flags)
+    else:  # may wait for room (the high-water mark): let other threads run meanwhile
+        with nogil:
+            rc = zr.msg_send(&msg, h, flags)
     if rc < 0:
         rc = zr.zerrno()
         zr.msg_close(&msg)
