@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from zrouter.errors import AuthenticationFailed
+
 from ._worker import DEFAULT_BROKER, Worker, _is_async
 
 __all__ = ["build_parser", "load_handler", "main", "with_delay"]
@@ -127,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--broker-service", metavar="NAME",
         help="find the brokers in Consul under this service name (e.g. zrouter-broker) instead of --broker",
     )  # fmt: skip
+    c = p.add_argument_group("CURVE (see README, Security)")
+    c.add_argument("--curve-server-key", metavar="FILE", help="the brokers' public .key file")
+    c.add_argument("--curve-secret-key", metavar="FILE", help="this worker's .key_secret file (from zrouter-keys)")
     return p
 
 
@@ -167,8 +172,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             tags=args.tag,
             broker_service=args.broker_service,
             inline=args.inline,
+            curve_server_key=args.curve_server_key,
+            curve_secret_key=args.curve_secret_key,
         )
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OSError, RuntimeError) as exc:
         parser.error(str(exc))
-    worker.run()
+    try:
+        worker.run()
+    except AuthenticationFailed as exc:
+        logging.getLogger("zrouter.worker").error("stopping: %s", exc)
+        return 3
     return 0
