@@ -23,9 +23,11 @@ from typing import Any
 
 import pytest
 
-from tests.procs import BrokerProc, ProcessGroup, WorkerProc
+from tests.consul_agent import ConsulAgent
+from tests.procs import BrokerProc, ProcessGroup, WorkerProc, unique
 from zrouter.client import AsyncClient, AuthenticationFailed, Client, Forbidden, ServiceUnavailable
 from zrouter.keys import create_key_pair
+from zrouter.transport import free_tcp_endpoint
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -77,7 +79,7 @@ class Keys:
         return Client(endpoint, curve_server_key=self.server_public, curve_secret_key=self.secret(name), **kw)
 
 
-def worker(procs: ProcessGroup, endpoint: BrokerProc | str, keys: Keys, name: str | None, **kw: Any) -> WorkerProc:
+def worker(procs: ProcessGroup, endpoint: BrokerProc | str | None, keys: Keys, name: str | None, **kw: Any) -> WorkerProc:
     extra = [*keys.worker_args(name), *kw.pop("extra", ())]
     return procs.worker(endpoint, extra=extra, **kw)
 
@@ -398,3 +400,34 @@ def test_requests_fail_with_service_unavailable_not_forbidden_when_allowed(deplo
     with deployment.keys.client(deployment.broker.frontend, "c-any", timeout=5) as c:
         with pytest.raises(ServiceUnavailable):
             c.request("nobody-serves-this", "x")
+
+
+@pytest.mark.consul
+def test_brokers_found_through_consul_share_the_pinned_server_key(
+    curve_keys: Keys, procs: ProcessGroup, consul_agent: ConsulAgent
+) -> None:
+    """Two brokers with one key pair, found in Consul by a worker and a client that were given
+    the server key by configuration: requests flow through both, encrypted and authenticated."""
+    keys, bsvc = curve_keys, unique("brk")
+    consul = ("--consul", consul_agent.http_addr, "--broker-service", bsvc, "--stats-interval", "0.2")
+    brokers = [procs.broker(*keys.broker_args(), *consul) for _ in range(2)]
+    w = worker(procs, None, keys, "w", service="svc", capacity=8,
+               extra=["--consul", consul_agent.http_addr, "--broker-service", bsvc])
+    for b in brokers:
+        b.wait_workers(1)
+    with Client(consul=consul_agent.http_addr, broker_service=bsvc, timeout=10,
+                curve_server_key=keys.server_public, curve_secret_key=keys.secret("c")) as c:
+        assert c.wait_connected(2, timeout=15)
+        answers = c.map("svc", range(60))
+    assert [a["payload"] for a in answers] == list(range(60))
+    assert all(str(w.pid) in pid_of(a) for a in answers)
+    for b in brokers:  # each broker took a share
+        b.wait_for(r"stats: \{'accepted': [1-9]")
+
+
+def test_a_broker_beyond_loopback_without_curve_warns(curve_keys: Keys, procs: ProcessGroup) -> None:
+    plain = procs.broker(frontend=free_tcp_endpoint("0.0.0.0"))
+    plain.wait_for(r"WARNING .*listening beyond loopback \(tcp://0\.0\.0\.0:\d+\) without CURVE")
+    secured = procs.broker(*curve_keys.broker_args(), frontend=free_tcp_endpoint("0.0.0.0"))
+    secured.wait_for("CURVE on")
+    assert secured.count("beyond loopback") == 0
