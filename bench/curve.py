@@ -78,8 +78,8 @@ def _client(mode: str, keys: dict[str, Path], args: Sequence[str], timeout: floa
 
 
 def run(cfg: Settings) -> dict[str, Any]:
-    runs = cfg.pick(3, 2)
-    warmup, duration = cfg.pick((0.5, 3.0), (0.3, 1.0))
+    runs = cfg.pick(5, 2)
+    warmup, duration = cfg.pick((0.5, 2.0), (0.3, 1.0))
     count = cfg.pick(2000, 600)
     per: dict[str, dict[str, list[dict[str, Any]]]] = {m: {"pipe": [], "sync": []} for m in MODES}
     with tempfile.TemporaryDirectory(prefix="zrouter-bench-curve-") as tmp, Cluster() as cluster:
@@ -113,6 +113,12 @@ def run(cfg: Settings) -> dict[str, Any]:
                 progress(f"curve run {r + 1}/{runs} CURVE {mode:<3} {res['rate']:>9,.0f} req/s  broker "
                          f"{res['broker_cpu_us']:.1f} µs/req  one at a time p50 {sync['p50_us']:.0f} µs")
     out: dict[str, Any] = {"runs": per, "inflight": INFLIGHT, "duration": duration, "count": count}
+    # Each run of "on" next to its "off" neighbour: the median of those ratios is steadier than
+    # the ratio of medians when other load comes and goes on a shared machine.
+    pairs = list(zip(per["on"]["pipe"], per["off"]["pipe"], per["on"]["sync"], per["off"]["sync"], strict=True))
+    out["paired_rate_ratio"] = median([a["rate"] / b["rate"] for a, b, _, _ in pairs])
+    out["paired_p50_delta_us"] = median([c["p50_us"] - d["p50_us"] for _, _, c, d in pairs])
+    out["paired_cpu_ratio"] = median([_cpu(a) / _cpu(b) for a, b, _, _ in pairs])
     for mode in MODES:
         pipe, sync = per[mode]["pipe"], per[mode]["sync"]
         out[mode] = {
@@ -124,17 +130,22 @@ def run(cfg: Settings) -> dict[str, Any]:
     return out
 
 
+def _cpu(res: dict[str, Any]) -> float:
+    return float(res["broker_cpu_us"] + res["workers_cpu_us"] + res["client_cpu_us"])
+
+
 def rows(res: dict[str, Any]) -> list[Row]:
     on, off = res["on"], res["off"]
     n = len(res["runs"]["on"]["pipe"])
     return [
         Row(f"8 CURVE on / off: pipelined req/s (median of {n})", f"{fmt_int(on['rate'])} / {fmt_int(off['rate'])}",
-            ratio=f"{fmt_ratio(on['rate'] / off['rate'])} of plain"),
+            ratio=f"{fmt_ratio(res['paired_rate_ratio'])} of plain (paired)"),
         Row("  CURVE on / off: CPU µs/request broker, workers, client",
             " / ".join(f"{on[k]:.1f}" for k in ("broker_cpu_us", "workers_cpu_us", "client_cpu_us")) + "  vs  "
-            + " / ".join(f"{off[k]:.1f}" for k in ("broker_cpu_us", "workers_cpu_us", "client_cpu_us"))),
+            + " / ".join(f"{off[k]:.1f}" for k in ("broker_cpu_us", "workers_cpu_us", "client_cpu_us")),
+            ratio=f"{fmt_ratio(res['paired_cpu_ratio'])} total (paired)"),
         Row("  CURVE on / off: one-at-a-time p50 µs", f"{on['p50_us']:.0f} / {off['p50_us']:.0f}",
-            ratio=f"{on['p50_us'] - off['p50_us']:+.0f} µs"),
+            ratio=f"{res['paired_p50_delta_us']:+.0f} µs (paired)"),
         Row("  CURVE on / off: one-at-a-time p99 µs", f"{on['p99_us']:.0f} / {off['p99_us']:.0f}"),
     ]
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.consul_agent import ConsulAgent
-from tests.procs import BrokerProc, ProcessGroup, WorkerProc, unique
+from tests.procs import BrokerProc, Proc, ProcessGroup, WorkerProc, unique
 from zrouter.client import AsyncClient, AuthenticationFailed, Client, Forbidden, ServiceUnavailable
 from zrouter.keys import create_key_pair
 from zrouter.transport import free_tcp_endpoint
@@ -158,6 +158,8 @@ def test_clients_are_authenticated_and_limited_to_their_services(deployment: Dep
             c.request("images", "x")
         with pytest.raises(AuthenticationFailed):  # the next one too, at once
             c.request("images", "y")
+        with pytest.raises(AuthenticationFailed):
+            c.wait_connected(timeout=5)
         assert time.monotonic() - t0 < 2.0
     with Client(d.broker.frontend, timeout=5) as c:  # no keys at all
         # Which side notices first is a race: a mechanism mismatch, or a hang-up mid-handshake.
@@ -423,6 +425,21 @@ def test_brokers_found_through_consul_share_the_pinned_server_key(
     assert all(str(w.pid) in pid_of(a) for a in answers)
     for b in brokers:  # each broker took a share
         b.wait_for(r"stats: \{'accepted': [1-9]")
+
+
+def test_broker_and_worker_refuse_to_start_with_unusable_keys(curve_keys: Keys, procs: ProcessGroup) -> None:
+    keys = curve_keys
+    bad = procs.add(Proc(["-m", "zrouter.broker", "--curve-secret-key", str(keys.server_public),  # public only
+                          "--worker-keys", str(keys.workers)], "broker"))
+    assert bad.wait() == 2
+    bad.wait_for("cannot start: .*holds no secret key")
+    missing = procs.add(Proc(["-m", "zrouter.broker", "--curve-secret-key", str(keys.secret("broker")),
+                              "--worker-keys", str(keys.root / "typo")], "broker"))
+    assert missing.wait() == 2
+    missing.wait_for("cannot start: key directory .* does not exist")
+    w = worker(procs, free_tcp_endpoint(), keys, None, extra=["--curve-server-key", str(keys.server_public)])
+    assert w.wait() == 2  # one key file of two: a usage error, at once
+    w.wait_for("needs both curve_server_key")
 
 
 def test_a_broker_beyond_loopback_without_curve_warns(curve_keys: Keys, procs: ProcessGroup) -> None:
