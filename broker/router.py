@@ -49,7 +49,7 @@ class Sink(Protocol):
 
 
 class Access(Protocol):
-    """Which services a worker's CURVE key may serve (``zrouter.broker.auth.BrokerAuth``).
+    """Which services a worker's CURVE key may serve (``zrouter.broker.auth.Keyring``).
 
     ``key`` is the connection's User-Id as ZAP set it (its Z85 public key); the answer is the
     reason for a refusal, or None when allowed."""

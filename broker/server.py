@@ -23,14 +23,13 @@ import msgpack
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from zrouter.curve import EVENT_HANDSHAKE_FAILED
-
 from zrouter.broker.router import Router
 
 if TYPE_CHECKING:
     from zrouter.broker.auth import BrokerAuth
     from zrouter.broker.consul_link import ConsulLink
 from zrouter import protocol
+from zrouter.curve import EVENT_HANDSHAKE_FAILED
 from zrouter.transport import NOBLOCK, SNDMORE, recv_frames
 
 __all__ = ["Broker", "BrokerConfig"]
