@@ -294,6 +294,8 @@ class Broker:
                 next_beat = now + cfg.heartbeat_interval
                 if now >= next_stats:
                     stats = router.stats.as_dict()
+                    if self.auth is not None:  # CURVE refusals, by kind (see broker/auth.py)
+                        stats.update({f"refused_{k}": v for k, v in self.auth.keyring.refusals.items()})
                     if stats != last_stats:
                         log.info("stats: %s; %d workers, %d in flight", stats, len(router.workers),
                                  router.inflight_count())
