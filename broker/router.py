@@ -23,7 +23,6 @@ from typing import Any, Final, Protocol
 import msgpack
 
 from zrouter.broker.policies.base import make_policy
-from zrouter.broker.policies.p2c_ewma import update_ewma
 from zrouter.broker.state import ServiceQueue
 from zrouter.broker.state import DONE, INFLIGHT, Request, Service, WorkerState
 from zrouter import protocol
@@ -266,11 +265,10 @@ class Router:
         w.outstanding -= 1
         self.n_inflight -= 1
         w.served += 1
-        w.ewma = update_ewma(w.ewma, now - req.sent_at, now - w.ewma_at)
-        w.ewma_at = now
         self.stats.replied += 1
         self.sink.to_client(req.client, _packb((_REPLY, req.crid, status, flags, message, error_type)), payload)
         svc = w.service
+        svc.policy.done(w, now - req.sent_at, now)
         if w.in_policy:
             svc.policy.changed(w)
         elif w.outstanding < w.capacity and w.counted:
@@ -308,6 +306,7 @@ class Router:
         if w.in_policy:
             svc.policy.remove(w)
             w.in_policy = False
+        svc.policy.forget(w)
         if w.counted:
             svc.n_routable -= 1
             w.counted = False

@@ -83,8 +83,6 @@ class WorkerState:
         "capacity",
         "counted",
         "draining",
-        "ewma",
-        "ewma_at",
         "fd",
         "health_weight",
         "healthy",
@@ -118,8 +116,6 @@ class WorkerState:
         self.base_weight = weight  # what the worker declared (or Consul's Weights.Passing)
         self.health_weight: float | None = None  # Consul's say: None = no opinion / no Consul
         self.weight = float(weight)
-        self.ewma = 0.0
-        self.ewma_at = now
         self.last_seen = now
         self.draining = False
         self.healthy = True  # False while Consul says critical, maintenance or deregistered

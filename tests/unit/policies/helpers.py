@@ -1,8 +1,10 @@
 """What the policy test modules share: a fake endpoint, and the broker's call protocol driven
-without a broker (fixed-seed ``random.Random`` everywhere, no sockets, no sleeps).
+without a broker (fixed-seed ``random.Random`` everywhere, time simulated, no sockets, no sleeps).
 
 After ``pick`` the endpoint's ``outstanding`` goes up and ``changed`` follows (or ``remove`` when
-it is full); a completion lowers it and calls ``changed`` (or ``add`` when it had been full).
+it is full); a completion reports its latency (``done``), lowers ``outstanding`` and calls
+``changed`` (or ``add`` when it had been full). Worker speeds never matter to a policy except
+through ``done``.
 """
 
 from __future__ import annotations
@@ -27,8 +29,6 @@ __all__ = [
 ]
 
 ALL = sorted(POLICIES)
-
-
 SEED = 20240611
 
 
@@ -37,7 +37,6 @@ class FakeEndpoint:
     key: bytes
     outstanding: int = 0
     weight: float = 1.0
-    ewma: float = 0.0
 
     def __repr__(self) -> str:
         return self.key.decode()

@@ -10,9 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.policies.helpers import ALL, SEED, FakeEndpoint, endpoints, policy_with, dispatch_and_complete, shares
+from tests.unit.policies.helpers import (
+    ALL,
+    SEED,
+    FakeEndpoint,
+    dispatch_and_complete,
+    endpoints,
+    policy_with,
+    shares,
+)
 from zrouter.broker.policies import POLICIES, consistent_hash, make_policy, p2c_ewma
-
 
 def test_every_policy_is_registered_under_its_name() -> None:
     assert set(POLICIES) == {
@@ -96,7 +103,7 @@ def test_random_broker_traffic_only_ever_picks_eligible_endpoints(name: str) -> 
     for step in range(4000):
         op = rng.random()
         if op < 0.05 or not known:
-            ep = FakeEndpoint(b"w%d" % step, weight=rng.choice([0.5, 1.0, 2.0, 3.0]), ewma=rng.random() / 10)
+            ep = FakeEndpoint(b"w%d" % step, weight=rng.choice([0.5, 1.0, 2.0, 3.0]))
             known.append(ep)
             p.add(ep)
             eligible.add(ep)
@@ -107,13 +114,14 @@ def test_random_broker_traffic_only_ever_picks_eligible_endpoints(name: str) -> 
             if ep in eligible:
                 p.remove(ep)
                 eligible.discard(ep)
+            p.forget(ep)  # gone for good, as the broker says of a worker that left
         elif op < 0.12 and eligible:
             ep = rng.choice(sorted(eligible, key=lambda e: e.key))
             ep.weight = rng.choice([0.5, 1.0, 2.0, 3.0])
-            ep.ewma = rng.random() / 10
             p.changed(ep)
         elif op < 0.55 and inflight:
             ep = inflight.pop(rng.randrange(len(inflight)))
+            p.done(ep, rng.random() / 10, float(step))
             ep.outstanding -= 1
             if ep in eligible:
                 p.changed(ep)
@@ -159,3 +167,25 @@ def test_distribution_at_zero_load(
         p.clock = lambda: 0.0
     counts = collections.Counter(dispatch_and_complete(p) for _ in range(6000))
     assert shares(counts, eps) == pytest.approx(expected, abs=tolerance + 1e-12)
+
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_done_and_forget_follow_the_brokers_call_order(name: str) -> None:
+    """``done`` comes for eligible and full workers alike; ``forget`` after ``remove``, or for a
+    worker the policy never saw; a forgotten worker may come back as a new one."""
+    a, b = endpoints(2)
+    p = policy_with(name, [a, b])
+    p.done(a, 0.010, 1.0)  # eligible
+    p.remove(b)
+    p.done(b, 0.020, 1.5)  # full: out of the policy, its reply still reported
+    p.add(b)
+    p.remove(b)
+    p.forget(b)
+    p.forget(FakeEndpoint(b"never seen"))
+    assert len(p) == 1
+    assert dispatch_and_complete(p) is a
+    p.add(b)
+    assert len(p) == 2
+    picked = {dispatch_and_complete(p, b"k%d" % i) for i in range(200)}
+    assert b in picked and picked <= {a, b}
