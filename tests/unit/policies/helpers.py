@@ -10,6 +10,7 @@ through ``done``.
 from __future__ import annotations
 
 import collections
+import heapq
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ __all__ = [
     "ALL",
     "SEED",
     "FakeEndpoint",
+    "closed_loop",
     "dispatch_and_complete",
     "endpoints",
     "pick",
@@ -92,3 +94,63 @@ def run_under_load(p: Policy, eps: Sequence[FakeEndpoint], concurrency: int, n: 
         counts[ep] += 1
     return shares(counts, eps)
 
+
+def closed_loop(
+    p: Policy,
+    eps: Sequence[FakeEndpoint],
+    capacity: int,
+    in_flight: int,
+    n: int,
+    mean_s: Sequence[float],
+    seed: int = SEED,
+) -> list[float]:
+    """Each endpoint's share of ``n`` dispatches with exactly ``in_flight`` requests in the system
+    (a closed loop: a reply is followed at once by the next request), as the broker does it:
+    each endpoint holds at most ``capacity`` requests and leaves the policy while full, and a
+    request that finds no endpoint with a free credit waits in a FIFO until a reply frees one.
+    Endpoint i serves its requests in parallel, each taking an exponential time of mean
+    ``mean_s[i]`` seconds (simulated time)."""
+    rng = random.Random(seed)
+    eligible = {ep: True for ep in eps}
+    replies: list[tuple[float, int, FakeEndpoint, float]] = []  # (due, seq, endpoint, sent at)
+    counts: collections.Counter[FakeEndpoint] = collections.Counter()
+    mean = dict(zip(eps, mean_s, strict=True))
+    waiting = 0
+    sent = 0
+
+    def dispatch(ep: FakeEndpoint, now: float) -> None:
+        nonlocal sent
+        ep.outstanding += 1
+        if ep.outstanding >= capacity:
+            p.remove(ep)
+            eligible[ep] = False
+        else:
+            p.changed(ep)
+        counts[ep] += 1
+        sent += 1
+        heapq.heappush(replies, (now + rng.expovariate(1.0 / mean[ep]), sent, ep, now))
+
+    def pump(now: float) -> None:
+        nonlocal waiting
+        while waiting and sent < n:
+            ep = p.pick()
+            if ep is None:
+                return
+            assert isinstance(ep, FakeEndpoint)
+            waiting -= 1
+            dispatch(ep, now)
+
+    waiting = in_flight
+    pump(0.0)
+    while sent < n:
+        now, _, ep, sent_at = heapq.heappop(replies)
+        p.done(ep, now - sent_at, now)
+        ep.outstanding -= 1
+        if eligible[ep]:
+            p.changed(ep)
+        else:
+            p.add(ep)
+            eligible[ep] = True
+        waiting += 1
+        pump(now)
+    return shares(counts, eps)

@@ -7,7 +7,15 @@ import random
 
 import pytest
 
-from tests.unit.policies.helpers import SEED, endpoints, policy_with, pick, dispatch_and_complete, run_under_load
+from tests.unit.policies.helpers import (
+    SEED,
+    FakeEndpoint,
+    dispatch_and_complete,
+    endpoints,
+    pick,
+    policy_with,
+    run_under_load,
+)
 
 
 def test_weighted_least_outstanding_honours_weights_under_load() -> None:
@@ -37,3 +45,36 @@ def test_weighted_least_outstanding_picks_the_lowest_score() -> None:
             ep = rng.choice([e for e in eps if e.outstanding] or eps)
             ep.outstanding = max(0, ep.outstanding - 1)
         p.changed(ep)
+
+
+def test_weighted_least_outstanding_keeps_no_memory_through_capacity_churn() -> None:
+    """The drift ``weighted`` had (a worker taken out when full lost its place) cannot happen
+    here: the score is (outstanding + 1) / weight, computed afresh when a worker comes back, and
+    ties are broken by a fresh draw, not by join order. Every pick has the lowest score among the
+    workers with a free credit, however often they fill up and come back."""
+    rng = random.Random(SEED)
+    eps = endpoints(6, [1, 1, 2, 3, 5, 5])
+    p = policy_with("weighted-least-outstanding", eps)
+    capacity = 2
+    eligible = set(eps)
+    inflight: list[FakeEndpoint] = []
+    for _ in range(3000):
+        if inflight and (rng.random() < 0.5 or not eligible):
+            ep = inflight.pop(rng.randrange(len(inflight)))
+            ep.outstanding -= 1
+            if ep in eligible:
+                p.changed(ep)
+            else:
+                p.add(ep)
+                eligible.add(ep)
+        else:
+            ep = pick(p)
+            assert ep in eligible
+            assert (ep.outstanding + 1) / ep.weight == min((e.outstanding + 1) / e.weight for e in eligible)
+            ep.outstanding += 1
+            inflight.append(ep)
+            if ep.outstanding >= capacity:
+                p.remove(ep)
+                eligible.discard(ep)
+            else:
+                p.changed(ep)
