@@ -488,9 +488,10 @@ class Engine:
             self._short = False
             return
         held = self.running + len(self.backlog)
+        before = {conn: conn.share for conn in self.conns}
         changes, self._short = rebalance(self.capacity, held, self.conns, now, self.heartbeat)
         for conn, share in changes:
-            log.info("broker %s: capacity %d", conn.endpoint, share)
+            log.info("broker %s: capacity %d -> %d", conn.endpoint, before[conn], share)
             conn.send((SIGNATURE, encode_update(share, self.weight)), now)
 
     def _overfilled(self, conn: BrokerConnection, now: float) -> None:
