@@ -95,7 +95,8 @@ def test_p2c_newcomer_in_a_busy_service_takes_about_its_fair_share() -> None:
     """Issue 8's case: 24 requests in flight over 3 workers that answer in 100 ms; a fourth
     joins (capacity 16) and is slow, so none of its requests finishes during the test. Costed at
     an optimistic 1 ms it took all 16 before its first reply; costed at the service's estimate
-    it takes about its fair share, 6 of 24."""
+    it takes about its fair share, 6 of 24 (6 to 9 over 20 seeds: never answering, it keeps
+    what it wins from a worker momentarily busier than the rest)."""
     rng = random.Random(SEED)
     old = endpoints(3)
     for ep in old:
@@ -116,7 +117,7 @@ def test_p2c_newcomer_in_a_busy_service_takes_about_its_fair_share() -> None:
             p.remove(new)
         else:
             p.changed(ep)
-    assert 4 <= new.outstanding <= 8, new.outstanding
+    assert 4 <= new.outstanding <= 9, new.outstanding
 
 
 def test_p2c_keeps_a_latency_while_the_worker_is_full_and_drops_it_when_forgotten() -> None:
