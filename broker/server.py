@@ -79,6 +79,8 @@ class BrokerConfig:
     broker_service: str = "zrouter-broker"
     advertise_frontend: str | None = None
     advertise_backend: str | None = None
+    slow_start: float = 0.0  # seconds over which a new worker's weight and credits ramp up; 0 = off
+    service_slow_start: dict[str, float] = field(default_factory=dict)
     # CURVE (broker/auth.py): this broker's .key_secret file turns it on for both sockets.
     curve_secret_key: str | None = None
     worker_keys: str | None = None  # directory of allowed workers' public .key files
@@ -102,6 +104,8 @@ class Broker:
             grace=config.grace,
             liveness_timeout=config.heartbeat_interval * config.liveness,
             liveness=config.liveness,
+            slow_start=config.slow_start,
+            service_slow_start=config.service_slow_start,
         )
         self.front: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)
         self.back: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)
