@@ -27,6 +27,7 @@ from zrouter.broker.router import Router
 
 if TYPE_CHECKING:
     from zrouter.broker.consul_link import ConsulLink
+    from zrouter.broker.http import BrokerHTTP
 from zrouter import protocol
 from zrouter.errors import ProtocolError
 from zrouter.transport import NOBLOCK, SNDMORE, recv_frames
@@ -78,6 +79,8 @@ class BrokerConfig:
     broker_service: str = "zrouter-broker"
     advertise_frontend: str | None = None
     advertise_backend: str | None = None
+    http: str | None = None  # HOST:PORT for metrics, status, dashboard and admin (None: no HTTP)
+    admin_token: str | None = None  # enables the admin actions on the HTTP side
 
 
 class Broker:
@@ -122,6 +125,12 @@ class Broker:
                 self, config.consul, config.consul_token, broker_service=config.broker_service,
                 advertise_frontend=config.advertise_frontend, advertise_backend=config.advertise_backend,
             )
+        # The HTTP side runs on threads of its own and reaches the router only through call_soon.
+        self.http: BrokerHTTP | None = None
+        if config.http:
+            from zrouter.broker.http import BrokerHTTP
+
+            self.http = BrokerHTTP(self, config.http, config.admin_token, self.consul)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -130,6 +139,8 @@ class Broker:
         self.back.bind(self.config.backend)
         self.frontend_endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend_endpoint = self.back.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.http is not None:
+            self.http.bind()
         log.info("broker listening: clients on %s, workers on %s; policy %s%s",
                  self.frontend_endpoint, self.backend_endpoint, self.config.default_policy,
                  "".join(f", {s}={p}" for s, p in self.config.service_policies.items()))
@@ -151,6 +162,8 @@ class Broker:
             pass  # already awake, or closing
 
     def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
         self.back.disable_monitor()
         for s in (self.monitor, self.front, self.back):
             s.close()
@@ -205,6 +218,8 @@ class Broker:
         stop_by: float | None = None
         if self.consul is not None:
             self.consul.start()
+        if self.http is not None:
+            self.http.start()
         self.ready.set()
         while True:
             now = time.monotonic()
@@ -256,6 +271,8 @@ class Broker:
             elif timer is not None and now >= timer:
                 router.expire(now)
         router.abandon_inflight()
+        if self.http is not None:
+            self.http.close()
         if self.consul is not None:
             self.consul.stop()
         log.info("broker stopped: %s", router.stats.as_dict())
@@ -297,6 +314,7 @@ class Broker:
             try:
                 self._on_worker_message(frames, now)
             except (ProtocolError, IndexError, TypeError, ValueError) as exc:
+                self.router.count_bad("backend", "malformed")
                 log.warning("bad message from worker %s: %s", frames[0].bytes.hex(), exc)
         return True
 
@@ -346,6 +364,7 @@ class Broker:
             raise ProtocolError(f"unknown command {cmd}")
 
     def _disconnect(self, ident: bytes, why: str) -> None:
+        self.router.count_bad("backend", "unknown_worker")
         log.info("asking worker %s to reconnect: %s", ident.hex(), why)
         self.to_worker(ident, protocol.encode_disconnect(why), None)
 
@@ -371,6 +390,8 @@ class Broker:
                 payload = frames[3]
                 if len(payload) > max_size:
                     self.router.stats.bad += 1
+                    self.router.count_bad("frontend", "too_large")
+                    self.router.count_status(service, protocol.STATUS_TOO_LARGE)
                     self.router.answer(frames[0].bytes, rid, protocol.STATUS_TOO_LARGE,
                                         f"payload of {len(payload)} bytes is over the limit of {max_size}")
                     continue
@@ -382,13 +403,18 @@ class Broker:
 
     def _bad_request(self, frames: list[zmq.Frame], exc: Exception) -> None:
         self.router.stats.bad += 1
+        self.router.count_bad("frontend", "malformed")
         client = frames[0].bytes
         rid = 0
+        service = ""  # unknown: counted under service=""
         try:
             header = _unpackb(frames[2].buffer)
             if type(header[1]) is int:
                 rid = header[1]
+            if type(header[2]) is str:
+                service = header[2]
         except Exception:
             pass
+        self.router.count_status(service, protocol.STATUS_BAD_REQUEST)
         log.warning("bad request from client %s: %s", client.hex(), exc)
         self.router.answer(client, rid, protocol.STATUS_BAD_REQUEST, f"bad request: {exc}")
