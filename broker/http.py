@@ -176,7 +176,10 @@ class BrokerHTTP:
         if self._server is None:
             self.bind()
         assert self._server is not None
-        for target, name in ((self._server.serve_forever, "zrouter-http"), (self._sample, "zrouter-http-sampler")):
+        server = self._server
+        # A short poll interval: shutdown() waits for it, and the broker's exit waits for that.
+        serve: Callable[[], None] = lambda: server.serve_forever(poll_interval=0.1)  # noqa: E731
+        for target, name in ((serve, "zrouter-http"), (self._sample, "zrouter-http-sampler")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
