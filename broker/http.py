@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import hmac
 import importlib.resources
+import itertools
 import json
 import logging
 import os
@@ -266,9 +267,10 @@ class BrokerHTTP:
         services = []
         for name, s in sorted(snap.services.items()):
             doc = service_json(s)
+            recent = history[-61:]
             series = [
                 max(0.0, (b[1].get(name, (0, 0, []))[0] - a[1].get(name, (0, 0, []))[0]) / max(b[0] - a[0], 1e-3))
-                for a, b in zip(history[-61:], history[-60:], strict=False)
+                for a, b in itertools.pairwise(recent)
             ]  # requests per second, second by second, for the sparkline
             minute: dict[str, Any] = {"window_seconds": 0.0, "rate": 0.0, "error_rate": 0.0,
                                       "p50_seconds": None, "p99_seconds": None, "rate_series": series}

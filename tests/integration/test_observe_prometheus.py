@@ -109,5 +109,16 @@ def test_prometheus_scrapes_the_request_count(prometheus_bin: str, broker_url: t
         assert float(count[0]["value"][1]) == 37
         cap = prom.query('zrouter_worker_capacity{service="prom",instance="prom-a"}')
         assert float(cap[0]["value"][1]) == 4
+        # Every query of docs/grafana-dashboard.json parses and finds data, with Grafana's
+        # variables filled in as Grafana would.
+        dashboard = json.loads((Path(__file__).resolve().parents[2] / "docs" / "grafana-dashboard.json").read_text())
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                expr = (target["expr"].replace("$__rate_interval", "10s").replace("$service", ".*")
+                        .replace("$job", ".*"))  # fmt: skip
+                if "consul" in expr or "late_replies" in expr or "bad_messages" in expr:
+                    prom.query(expr)  # parses (no data: nothing of the kind happened)
+                else:  # a rate needs two scrapes in its window: they come within a second
+                    eventually(lambda e=expr: prom.query(e), timeout=10, what=f"{panel['title']}: {expr}")
     finally:
         prom.stop()

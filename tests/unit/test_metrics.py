@@ -233,3 +233,39 @@ def test_admin_policy_switch_keeps_the_workers_and_goes_on_dispatching() -> None
     r.tick(10.0, heartbeat=False)
     ready(r, "c", now=11.0)
     assert r.services["svc"].policy.name == "round-robin"  # kept for the service's next life
+
+
+def test_status_last_minute_rates_and_quantiles_from_the_sampled_history() -> None:
+    from zrouter.broker.http import BrokerHTTP
+
+    r, sink = make()
+    w = ready(r, "w1", capacity=100)
+
+    class Loop:
+        router = r
+        frontend_endpoint = "tcp://f"
+        backend_endpoint = "tcp://b"
+
+        def call_soon(self, fn: Any) -> None:
+            fn()  # a test stand-in for the broker's loop: run at once, on this thread
+
+    app = BrokerHTTP(Loop(), "127.0.0.1:0")
+    crid = 0
+    for second in range(3):  # 10 requests a second, each answered in 2 ms
+        snap = take_snapshot(r)
+        snap.taken_at = 100.0 + second
+        app._remember(snap)
+        for _ in range(10):
+            send(r, crid, now=second)
+            r.worker_reply(w, sink.rids(b"w1")[-1], p.STATUS_OK if crid % 5 else p.STATUS_REMOTE_ERROR, 0, None,
+                           None, b"", second + 0.002)  # fmt: skip
+            crid += 1
+    snap = take_snapshot(r)
+    snap.taken_at = 103.0
+    doc = app.status(snap)
+    minute = next(s for s in doc["services"] if s["name"] == "svc")["last_minute"]
+    assert minute["window_seconds"] == 3.0
+    assert minute["rate"] == pytest.approx(10.0) and minute["error_rate"] == pytest.approx(2.0)
+    assert minute["rate_series"] == [pytest.approx(10.0)] * 2  # 100->101, 101->102 (103 is not sampled yet)
+    assert 0.001 < minute["p50_seconds"] <= 0.0025 and 0.001 < minute["p99_seconds"] <= 0.0025
+    assert doc["services"][0]["workers"][0]["instance"] == "w1"
