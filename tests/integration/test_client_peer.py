@@ -93,7 +93,7 @@ class ScriptedBroker:
 
     def _handle(self, sock: zmq.Socket[Any], msg: list[bytes], later: list[Any]) -> None:
         ident, _sig, header, body = msg
-        req = p.parse_request(p.decode_header(header))
+        req = p.check_request(p.decode_header(header))
         with self._cond:
             self.requests.append(req)
             self._cond.notify_all()

@@ -81,7 +81,7 @@ def test_metrics_after_known_traffic(procs: ProcessGroup, ctx: zmq.Context[Any])
     assert m[("zrouter_worker_inflight", L(service="obs", instance="obs-ok"))] == 0
     assert m[("zrouter_requeued_total", L(service="obs"))] == 0
     assert m[("zrouter_late_replies_total", ())] == 0
-    assert m[("zrouter_bad_messages_total", L(port="frontend", kind="malformed"))] == 1
+    assert m[("zrouter_bad_messages_total", L(port="frontend", kind="not_msgpack"))] == 1
     assert m[("process_cpu_seconds_total", ())] > 0
 
     # The workers' own metrics: handler timings and errors by exception type.

@@ -48,8 +48,8 @@ from zrouter.protocol import (
     encode_heartbeat,
     encode_payload,
     encode_request,
-    parse_ready,
-    parse_reply,
+    check_ready,
+    check_reply,
 )
 from zrouter.transport import free_tcp_endpoint, recv_frames, send_frames
 
@@ -68,7 +68,7 @@ class Msg:
 
     def reply(self) -> tuple[int, int, str | None, str | None, Any]:
         """(rid, status, message, error_type, decoded payload) of a REPLY."""
-        r = parse_reply(self.header)
+        r = check_reply(self.header)
         return r.rid, r.status, r.message, r.error_type, decode_payload(r.flags, self.payload or b"")
 
 
@@ -183,7 +183,7 @@ class ScriptedBroker:
             value = None
             for m in self.log:
                 if m.cmd == READY:
-                    value = parse_ready(m.header).capacity
+                    value = check_ready(m.header).capacity
                 elif m.cmd == UPDATE:
                     value = m.header[1]
                 elif m.cmd == DISCONNECT:
@@ -249,7 +249,7 @@ def make_worker(make_broker: Callable[[], ScriptedBroker]) -> Iterator[Callable[
 
 def test_ready_announces_service_capacity_weight_meta(broker: ScriptedBroker, make_worker: Any) -> None:
     w = make_worker(echo, broker.endpoint, capacity=3, weight=2, meta={"zone": "eu-1"})
-    ready = parse_ready(broker.wait_cmd(READY).header)
+    ready = check_ready(broker.wait_cmd(READY).header)
     assert (ready.service, ready.capacity, ready.weight) == ("svc", 3, 2)
     assert ready.meta["instance"] == w.instance_id
     assert ready.meta["pid"] == str(os.getpid())
@@ -311,7 +311,7 @@ def test_reconnects_when_the_broker_goes_silent_and_drops_stale_replies(
     broker.heartbeats_on = False
     second = broker.wait_for(lambda m: m.cmd == READY and m.identity != first.identity)
     assert second.at - first.at >= 3 * HB
-    assert parse_ready(second.header).meta["instance"] == w.instance_id
+    assert check_ready(second.header).meta["instance"] == w.instance_id
     broker.heartbeats_on = True
     broker.request(second.identity, 2, b"after")
     assert broker.wait_reply(2).reply()[4] == b"after"
@@ -335,7 +335,7 @@ def test_broker_restart_on_the_same_endpoint(make_broker: Any, make_worker: Any)
     old.close()  # the broker process dies; a new one binds the same endpoint
     new = make_broker(old.endpoint)
     ready = new.wait_cmd(READY)
-    assert parse_ready(ready.header).meta["instance"] == w.instance_id
+    assert check_ready(ready.header).meta["instance"] == w.instance_id
     new.request(ready.identity, 1, b"again")
     assert new.wait_reply(1).reply()[4] == b"again"
 
@@ -539,7 +539,7 @@ def test_cli_drains_on_signal(broker: ScriptedBroker, sig: signal.Signals) -> No
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        ready = parse_ready(broker.wait_cmd(READY, timeout=20.0).header)
+        ready = check_ready(broker.wait_cmd(READY, timeout=20.0).header)
         assert (ready.service, ready.capacity, ready.meta["pid"]) == ("svc", 2, str(proc.pid))
         peer = broker.messages(READY)[0].identity
         broker.request(peer, 1, b"one")
