@@ -11,7 +11,8 @@ Routes::
     PUT  /services/{service}/policy     admin: body {"policy": NAME}
 
 Admin routes exist only with an admin token (``--admin-token``): without one they answer 403,
-without ``Authorization: Bearer TOKEN`` (or with another token) 401; then 400 for a bad body, 404
+without ``Authorization: Bearer TOKEN`` (or with another token) 401; then 400 for a bad body (413
+over MAX_BODY), 404
 for an unknown instance or service. Every admin request is logged, refused ones too (at a
 bounded rate).
 
@@ -62,6 +63,14 @@ SAMPLE_PERIOD: Final = 1.0
 WINDOW: Final = 60.0  # seconds of "last minute" figures
 PROMETHEUS_TEXT: Final = "text/plain; version=0.0.4; charset=utf-8"  # what Prometheus 2.x expects
 T = TypeVar("T")
+
+
+class BadBody(ValueError):
+    """An admin request's body is unusable; ``code`` is the HTTP status to answer (400, 413)."""
+
+    def __init__(self, text: str, code: int = 400) -> None:
+        super().__init__(text)
+        self.code = code
 
 
 class LoopTimeout(RuntimeError):
@@ -462,9 +471,9 @@ class _Handler(BaseHTTPRequestHandler):
         target = urllib.parse.unquote(parts[1])
         try:
             body = self._body(required=kind != "drain")
-        except ValueError as exc:
-            log.info("admin %s %s from %s: 400 (%s)", self.command, path, who, exc)
-            self._json(400, {"error": str(exc)})
+        except BadBody as exc:
+            log.info("admin %s %s from %s: %d (%s)", self.command, path, who, exc.code, exc)
+            self._json(exc.code, {"error": str(exc)})
             return
         try:
             code, answer = app.admin(kind, target, body)
@@ -479,18 +488,25 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
-            raise ValueError("bad Content-Length") from None
-        if length < 0 or length > MAX_BODY:
-            raise ValueError(f"the body must be at most {MAX_BODY} bytes")
+            raise BadBody("bad Content-Length") from None
+        if length < 0:
+            raise BadBody("bad Content-Length")
+        if length > MAX_BODY:
+            # Read (and drop) a bounded amount first: closing on unread data resets the
+            # connection, and the client might then never see the answer.
+            left = min(length, 16 * MAX_BODY)
+            while left > 0 and (chunk := self.rfile.read(min(left, 65536))):
+                left -= len(chunk)
+            raise BadBody(f"the body must be at most {MAX_BODY} bytes", 413)
         raw = self.rfile.read(length) if length else b""
         if not raw.strip():
             if required:
-                raise ValueError("a JSON object body is required")
+                raise BadBody("a JSON object body is required")
             return {}
         try:
             doc = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"the body is not JSON: {exc}") from None
+            raise BadBody(f"the body is not JSON: {exc}") from None
         if not isinstance(doc, dict):
-            raise ValueError("the body must be a JSON object")
+            raise BadBody("the body must be a JSON object")
         return doc

@@ -152,6 +152,8 @@ def test_admin_actions_need_the_token_and_a_good_body(procs: ProcessGroup) -> No
         assert status == 400 and doc["error"], body
     status, _, _ = http("PUT", f"{url}/workers/adm-a/weight", raw=b"{not json", token=TOKEN)
     assert status == 400
+    status, _, _ = http("PUT", f"{url}/workers/adm-a/weight", raw=b" " * (64 * 1024 + 1), token=TOKEN)
+    assert status == 413
     status, doc, _ = http("PUT", f"{url}/workers/nobody/weight", {"weight": 1}, token=TOKEN)
     assert status == 404 and "nobody" in doc["error"]
 
