@@ -30,7 +30,6 @@ from __future__ import annotations
 import collections
 import hmac
 import importlib.resources
-import itertools
 import json
 import logging
 import os
@@ -45,8 +44,17 @@ from typing import Any, Final, Protocol, TypeVar
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, generate_latest
 
 from zrouter import __version__
-from zrouter.broker.counters import STATUS_LABELS, quantile
-from zrouter.broker.metrics import BrokerCollector, ConsulView, Snapshot, service_json, take_snapshot
+from zrouter.broker.counters import STATUS_LABELS
+from zrouter.broker.metrics import (
+    BrokerCollector,
+    ConsulView,
+    HistoryPoint,
+    Snapshot,
+    history_point,
+    last_minute,
+    service_json,
+    take_snapshot,
+)
 from zrouter.broker.policies import POLICIES
 from zrouter.broker.router import Router
 
@@ -159,7 +167,7 @@ class BrokerHTTP:
         self._server: _Server | None = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
-        self._history: collections.deque[tuple[float, dict[str, tuple[int, int, list[int]]]]] = collections.deque()
+        self._history: collections.deque[HistoryPoint] = collections.deque()
         self._hist_lock = threading.Lock()
         self._streams = threading.BoundedSemaphore(MAX_STREAMS)
         self._published = threading.Condition()
@@ -260,9 +268,9 @@ class BrokerHTTP:
                     self._published.notify_all()
 
     def _remember(self, snap: Snapshot) -> None:
-        point = {name: (s.total, s.errors, s.duration[0]) for name, s in snap.services.items()}
+        point = history_point(snap)
         with self._hist_lock:
-            self._history.append((snap.taken_at, point))
+            self._history.append(point)
             while self._history and snap.taken_at - self._history[0][0] > WINDOW + 1.5:
                 self._history.popleft()
 
@@ -272,26 +280,8 @@ class BrokerHTTP:
         """The ``GET /status`` document (shape in README, "Observing a running router")."""
         with self._hist_lock:
             history = list(self._history)
-        old = next((p for p in history if snap.taken_at - p[0] <= WINDOW), None)
-        services = []
-        for name, s in sorted(snap.services.items()):
-            doc = service_json(s)
-            recent = history[-61:]
-            series = [
-                max(0.0, (b[1].get(name, (0, 0, []))[0] - a[1].get(name, (0, 0, []))[0]) / max(b[0] - a[0], 1e-3))
-                for a, b in itertools.pairwise(recent)
-            ]  # requests per second, second by second, for the sparkline
-            minute: dict[str, Any] = {"window_seconds": 0.0, "rate": 0.0, "error_rate": 0.0,
-                                      "p50_seconds": None, "p99_seconds": None, "rate_series": series}
-            if old is not None and snap.taken_at - old[0] > 0.5:
-                span = snap.taken_at - old[0]
-                total0, errors0, buckets0 = old[1].get(name, (0, 0, [0] * len(s.duration[0])))
-                delta = [b - a for a, b in zip(buckets0, s.duration[0], strict=True)]
-                minute.update(window_seconds=round(span, 1), rate=(s.total - total0) / span,
-                              error_rate=(s.errors - errors0) / span,
-                              p50_seconds=quantile(0.5, delta), p99_seconds=quantile(0.99, delta))
-            doc["last_minute"] = minute
-            services.append(doc)
+        services = [{**service_json(s), "last_minute": last_minute(s, snap.taken_at, history, WINDOW)}
+                    for _, s in sorted(snap.services.items())]
         return {
             "broker": {
                 "frontend": self.broker.frontend_endpoint, "backend": self.broker.backend_endpoint,

@@ -31,15 +31,16 @@ snapshot and turns it into metric families. Names follow Prometheus's convention
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from zrouter.broker.counters import BOUNDS, STATUS_LABELS, Histogram, ServiceStats
+from zrouter.broker.counters import BOUNDS, STATUS_LABELS, Histogram, ServiceStats, quantile
 from zrouter.broker.router import Router
 from zrouter.broker.state import WorkerState
 from zrouter.consul import Instance
@@ -50,7 +51,12 @@ __all__ = [
     "ConsulView",
     "ServiceSnap",
     "Snapshot",
+    "HistoryPoint",
     "WorkerSnap",
+    "families",
+    "history_point",
+    "last_minute",
+    "service_json",
     "take_snapshot",
     "worker_state",
 ]
@@ -284,4 +290,35 @@ def _states(workers: list[WorkerSnap]) -> Mapping[str, int]:
     out = dict.fromkeys(WORKER_STATES, 0)
     for w in workers:
         out[w.state] = out.get(w.state, 0) + 1
+    return out
+
+
+# (taken_at, {service: (replies, errors, duration buckets)}): one sample of the counters, kept a
+# minute by the HTTP side's sampler for the "last minute" figures.
+HistoryPoint = tuple[float, dict[str, tuple[int, int, list[int]]]]
+
+
+def history_point(snap: Snapshot) -> HistoryPoint:
+    return snap.taken_at, {name: (s.total, s.errors, s.duration[0]) for name, s in snap.services.items()}
+
+
+def last_minute(s: ServiceSnap, now: float, history: Sequence[HistoryPoint], window: float = 60.0) -> dict[str, Any]:
+    """A service's figures over the last ``window`` seconds, from the oldest sample within it to
+    ``s`` (taken at ``now``): ``rate`` and ``error_rate`` (replies per second), ``p50_seconds``
+    and ``p99_seconds`` (of the duration histogram's increase, by ``quantile``; None without
+    replies), ``window_seconds`` (how much history there was), and ``rate_series``: replies per
+    second between consecutive samples, the last minute's, for a sparkline."""
+    empty = (0, 0, [0] * len(s.duration[0]))
+    recent = list(history[-61:])
+    series = [max(0.0, (b[1].get(s.name, empty)[0] - a[1].get(s.name, empty)[0]) / max(b[0] - a[0], 1e-3))
+              for a, b in itertools.pairwise(recent)]  # fmt: skip
+    out: dict[str, Any] = {"window_seconds": 0.0, "rate": 0.0, "error_rate": 0.0, "p50_seconds": None,
+                           "p99_seconds": None, "rate_series": series}  # fmt: skip
+    old = next((p for p in history if now - p[0] <= window), None)
+    if old is not None and now - old[0] > 0.5:
+        span = now - old[0]
+        total0, errors0, buckets0 = old[1].get(s.name, empty)
+        delta = [b - a for a, b in zip(buckets0, s.duration[0], strict=True)]
+        out.update(window_seconds=round(span, 1), rate=(s.total - total0) / span, error_rate=(s.errors - errors0) / span,
+                   p50_seconds=quantile(0.5, delta), p99_seconds=quantile(0.99, delta))  # fmt: skip
     return out
