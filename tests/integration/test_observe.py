@@ -186,7 +186,7 @@ def test_admin_actions_need_the_token_and_a_good_body(procs: ProcessGroup) -> No
     assert status == 403 and "--admin-token" in doc["error"]
 
 
-def test_zrouter_status_prints_the_live_instance_list(procs: ProcessGroup) -> None:
+def test_zrouter_status_and_the_event_stream_show_the_instance_list(procs: ProcessGroup) -> None:
     broker, url = broker_with_http(procs)
     procs.worker(broker, service="cli", capacity=2, extra=["--meta", "instance=cli-a"])
     broker.wait_workers(1)
@@ -198,6 +198,18 @@ def test_zrouter_status_prints_the_live_instance_list(procs: ProcessGroup) -> No
     assert [w["instance"] for s in doc["services"] for w in s["workers"]] == ["cli-a"]
     down = subprocess.run([*cmd[:-1], "127.0.0.1:1"], capture_output=True, text=True, timeout=30, check=False)
     assert down.returncode == 1 and "cannot read" in down.stderr
+
+    # What the dashboard reads: the same document, pushed (server-sent events).
+    with urllib.request.urlopen(url + "/events", timeout=10) as resp:
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        docs = []
+        while len(docs) < 2:  # the first at once, the next a second later
+            line = resp.readline().decode()
+            if line.startswith("data: "):
+                docs.append(json.loads(line[6:]))
+    for doc in docs:
+        assert [w["instance"] for s in doc["services"] for w in s["workers"]] == ["cli-a"]
+    assert docs[1]["broker"]["time"] > docs[0]["broker"]["time"]
 
 
 def test_json_logs_parse_line_by_line(procs: ProcessGroup) -> None:
@@ -219,19 +231,3 @@ def test_json_logs_parse_line_by_line(procs: ProcessGroup) -> None:
     for doc in map(json.loads, worker.lines):
         assert doc["service"] == "jl" and doc.get("instance", "jl-a") == "jl-a"
     assert any(json.loads(line).get("instance") == "jl-a" for line in worker.lines)
-
-
-def test_event_stream_pushes_status_documents(procs: ProcessGroup) -> None:
-    broker, url = broker_with_http(procs)
-    procs.worker(broker, service="sse", extra=["--meta", "instance=sse-a"])
-    broker.wait_workers(1)
-    with urllib.request.urlopen(url + "/events", timeout=10) as resp:
-        assert resp.headers["Content-Type"] == "text/event-stream"
-        docs = []
-        while len(docs) < 2:  # the first at once, the next a second later
-            line = resp.readline().decode()
-            if line.startswith("data: "):
-                docs.append(json.loads(line[6:]))
-    for doc in docs:
-        assert [w["instance"] for s in doc["services"] for w in s["workers"]] == ["sse-a"]
-    assert docs[1]["broker"]["time"] > docs[0]["broker"]["time"]
