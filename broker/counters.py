@@ -20,6 +20,7 @@ from zrouter import protocol
 
 __all__ = [
     "BOUNDS",
+    "LATENCY_ALPHA",
     "MAX_SERVICES",
     "OTHER_SERVICE",
     "STATUS_LABELS",
@@ -48,6 +49,10 @@ _UNKNOWN: Final = len(STATUS_LABELS) - 1
 # every name is a set of series in every scrape. Names beyond the bound share OTHER_SERVICE.
 MAX_SERVICES: Final = 1000
 OTHER_SERVICE: Final = "__other__"
+
+# Weight of each new reply in a worker's latency EWMA shown by /status and the dashboard (about
+# the last 10 replies). Kept by the router for operators; the policies keep their own.
+LATENCY_ALPHA: Final = 0.1
 
 
 class Histogram:

@@ -78,6 +78,7 @@ class WorkerSnap:
     state: str
     inflight: int
     capacity: int
+    credit: int  # what it may hold now: below capacity during a slow start
     weight: float  # effective: what the policy uses
     declared_weight: int  # from READY/UPDATE (or Consul's Weights.Passing)
     admin_weight: float | None
@@ -90,7 +91,7 @@ class WorkerSnap:
     def as_json(self) -> dict[str, Any]:
         return {
             "instance": self.instance, "state": self.state, "inflight": self.inflight,
-            "capacity": self.capacity, "weight": self.weight, "declared_weight": self.declared_weight,
+            "capacity": self.capacity, "credit": self.credit, "weight": self.weight, "declared_weight": self.declared_weight,
             "admin_weight": self.admin_weight, "latency_ewma_seconds": round(self.latency_ewma_seconds, 6),
             "seconds_since_heartbeat": round(self.seconds_since_heartbeat, 3), "served": self.served,
             "host": self.host, "pid": self.pid,
@@ -166,8 +167,8 @@ def _service(st: ServiceStats, router: Router, now: float, consul: ConsulView | 
         if workers:
             snap.workers = [
                 WorkerSnap(
-                    w.instance, svc.name, worker_state(w, consul), w.outstanding, w.capacity, w.weight,
-                    w.base_weight, w.admin_weight, w.ewma, max(0.0, now - w.last_seen), w.served,
+                    w.instance, svc.name, worker_state(w, consul), w.outstanding, w.capacity, w.credit, w.weight,
+                    w.base_weight, w.admin_weight, w.latency_ewma, max(0.0, now - w.last_seen), w.served,
                     w.meta.get("host", ""), w.meta.get("pid", ""),
                 )
                 for w in svc.workers.values()

@@ -78,6 +78,8 @@ class BrokerConfig:
     broker_service: str = "zrouter-broker"
     advertise_frontend: str | None = None
     advertise_backend: str | None = None
+    slow_start: float = 0.0  # seconds over which a new worker's weight and credits ramp up; 0 = off
+    service_slow_start: dict[str, float] = field(default_factory=dict)
     http: str | None = None  # HOST:PORT for metrics, status, dashboard and admin (None: no HTTP)
     admin_token: str | None = None  # enables the admin actions on the HTTP side
 
@@ -97,6 +99,8 @@ class Broker:
             grace=config.grace,
             liveness_timeout=config.heartbeat_interval * config.liveness,
             liveness=config.liveness,
+            slow_start=config.slow_start,
+            service_slow_start=config.service_slow_start,
         )
         self.front: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)
         self.back: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)

@@ -89,22 +89,24 @@ class WorkerState:
         "base_weight",
         "capacity",
         "counted",
+        "credit",
         "draining",
-        "ewma",
-        "ewma_at",
         "fd",
         "health_weight",
         "healthy",
         "ident",
         "in_policy",
         "inflight",
+        "joined_at",
         "key",
+        "latency_ewma",
         "last_seen",
         "meta",
         "outstanding",
         "served",
         "service",
         "silence_limit",
+        "slow_window",
         "weight",
     )
 
@@ -120,14 +122,16 @@ class WorkerState:
         self.ident = ident
         self.key = (meta.get("instance") or ident.hex()).encode()
         self.service = service
-        self.capacity = capacity
+        self.capacity = capacity  # what the worker declared (READY, UPDATE)
+        self.credit = capacity  # what the broker may have outstanding at it now (slow start)
         self.outstanding = 0
         self.base_weight = weight  # what the worker declared (or Consul's Weights.Passing)
         self.health_weight: float | None = None  # Consul's say: None = no opinion / no Consul
         self.admin_weight: float | None = None  # an operator's override (PUT .../weight)
-        self.weight = float(weight)
-        self.ewma = 0.0
-        self.ewma_at = now
+        self.weight = float(weight)  # effective: an operator's or Consul's say, then slow start
+        self.joined_at = now
+        self.slow_window = 0.0  # seconds of slow start, while it lasts (0: at full credit and weight)
+        self.latency_ewma = 0.0  # s, for /status: EWMA of reply latency, LATENCY_ALPHA per reply
         self.last_seen = now
         self.draining = False
         self.healthy = True  # False while Consul says critical, maintenance or deregistered
@@ -153,7 +157,7 @@ class WorkerState:
         return not self.draining and self.healthy and self.weight > 0
 
     def eligible(self) -> bool:
-        return self.outstanding < self.capacity and not self.draining and self.healthy and self.weight > 0
+        return self.outstanding < self.credit and not self.draining and self.healthy and self.weight > 0
 
     def __repr__(self) -> str:
         return f"<worker {self.instance} {self.service.name} {self.outstanding}/{self.capacity}>"
