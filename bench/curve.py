@@ -1,4 +1,4 @@
-"""Section 8: what CURVE costs. The same zrouter deployment twice, side by side in one run:
+"""Section 9: what CURVE costs. The same zrouter deployment twice, side by side in one run:
 plain, and with ``--curve-secret-key``/``--worker-keys``/``--client-keys`` (every message
 encrypted and authenticated by libzmq, the broker reading each request's User-Id to check the
 client's services).
@@ -138,7 +138,7 @@ def rows(res: dict[str, Any]) -> list[Row]:
     on, off = res["on"], res["off"]
     n = len(res["runs"]["on"]["pipe"])
     return [
-        Row(f"8 CURVE on / off: pipelined req/s (median of {n})", f"{fmt_int(on['rate'])} / {fmt_int(off['rate'])}",
+        Row(f"9 CURVE on / off: pipelined req/s (median of {n})", f"{fmt_int(on['rate'])} / {fmt_int(off['rate'])}",
             ratio=f"{fmt_ratio(res['paired_rate_ratio'])} of plain (paired)"),
         Row("  CURVE on / off: CPU µs/request broker, workers, client",
             " / ".join(f"{on[k]:.1f}" for k in ("broker_cpu_us", "workers_cpu_us", "client_cpu_us")) + "  vs  "

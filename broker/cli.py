@@ -15,6 +15,7 @@ import zmq
 from zrouter.broker.auth import exposed_endpoints
 from zrouter.broker.server import Broker, BrokerConfig
 from zrouter.broker.policies import POLICIES
+from zrouter.logfmt import FORMATS, configure_logging
 
 __all__ = ["main", "parse_args"]
 
@@ -101,6 +102,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="public .key files of the clients allowed to connect (default: any client that "
                         "knows the broker's public key; encrypted, not authenticated)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", default="text", choices=FORMATS,
+                   help="json: one JSON object a line (keys ts, level, logger, event; service, instance, rid)")
+    h = p.add_argument_group("Observing and operating (off unless --http is given)")
+    h.add_argument("--http", metavar="HOST:PORT",
+                   help="serve the dashboard (/), /status, /metrics (Prometheus) and admin actions here; "
+                        "port 0 picks a free port (logged)")
+    h.add_argument("--admin-token", default=os.environ.get("ZROUTER_ADMIN_TOKEN") or None, metavar="TOKEN",
+                   help="enable the admin actions (drain, weight, policy) for requests carrying "
+                        "'Authorization: Bearer TOKEN' (default: $ZROUTER_ADMIN_TOKEN; none: admin off)")
     args = p.parse_args(argv)
     if args.curve_secret_key and not args.worker_keys:
         p.error("--curve-secret-key needs --worker-keys DIR (the workers' public keys)")
@@ -130,6 +140,8 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         broker_service=args.broker_service,
         advertise_frontend=args.advertise_frontend,
         advertise_backend=args.advertise_backend,
+        http=args.http,
+        admin_token=args.admin_token,
         curve_secret_key=args.curve_secret_key,
         worker_keys=args.worker_keys,
         client_keys=args.client_keys,
@@ -138,11 +150,11 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     log = logging.getLogger("zrouter.broker")
     try:
         broker = Broker(config_from_args(args))
-    except (OSError, ValueError, RuntimeError, zmq.ZMQError) as exc:  # unreadable keys, no CURVE
+    except (OSError, ValueError, RuntimeError, zmq.ZMQError) as exc:  # unreadable keys, no CURVE, bad --http
         log.error("cannot start: %s", exc)
         return 2
     try:

@@ -28,6 +28,7 @@ from zrouter.broker.router import Router
 if TYPE_CHECKING:
     from zrouter.broker.auth import BrokerAuth
     from zrouter.broker.consul_link import ConsulLink
+    from zrouter.broker.http import BrokerHTTP
 from zrouter import protocol
 from zrouter.curve import EVENT_HANDSHAKE_FAILED
 from zrouter.transport import NOBLOCK, SNDMORE, recv_frames
@@ -81,6 +82,8 @@ class BrokerConfig:
     advertise_backend: str | None = None
     slow_start: float = 0.0  # seconds over which a new worker's weight and credits ramp up; 0 = off
     service_slow_start: dict[str, float] = field(default_factory=dict)
+    http: str | None = None  # HOST:PORT for metrics, status, dashboard and admin (None: no HTTP)
+    admin_token: str | None = None  # enables the admin actions on the HTTP side
     # CURVE (broker/auth.py): this broker's .key_secret file turns it on for both sockets.
     curve_secret_key: str | None = None
     worker_keys: str | None = None  # directory of allowed workers' public .key files
@@ -139,6 +142,12 @@ class Broker:
                 self, config.consul, config.consul_token, broker_service=config.broker_service,
                 advertise_frontend=config.advertise_frontend, advertise_backend=config.advertise_backend,
             )
+        # The HTTP side runs on threads of its own and reaches the router only through call_soon.
+        self.http: BrokerHTTP | None = None
+        if config.http:
+            from zrouter.broker.http import BrokerHTTP
+
+            self.http = BrokerHTTP(self, config.http, config.admin_token, self.consul)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -147,6 +156,8 @@ class Broker:
         self.back.bind(self.config.backend)
         self.frontend_endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend_endpoint = self.back.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.http is not None:
+            self.http.bind()
         log.info("broker listening: clients on %s, workers on %s; policy %s%s",
                  self.frontend_endpoint, self.backend_endpoint, self.config.default_policy,
                  "".join(f", {s}={p}" for s, p in self.config.service_policies.items()))
@@ -193,6 +204,8 @@ class Broker:
             pass  # already awake, or closing
 
     def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
         self.back.disable_monitor()
         self.monitor.close()
         self._close_sockets()
@@ -255,6 +268,8 @@ class Broker:
         stop_by: float | None = None
         if self.consul is not None:
             self.consul.start()
+        if self.http is not None:
+            self.http.start()
         self.ready.set()
         while True:
             now = time.monotonic()
@@ -308,6 +323,8 @@ class Broker:
             elif timer is not None and now >= timer:
                 router.expire(now)
         router.abandon_inflight()
+        if self.http is not None:
+            self.http.close()
         if self.consul is not None:
             self.consul.stop()
         log.info("broker stopped: %s", router.stats.as_dict())
@@ -351,6 +368,7 @@ class Broker:
             try:
                 self._on_worker_message(frames, now)
             except protocol.BadMessage as exc:
+                self.router.count_bad("backend", exc.kind)
                 log.warning("bad message from worker %s: %s", frames[0].bytes.hex(), exc)
         return True
 
@@ -404,6 +422,7 @@ class Broker:
             router.worker_update(w, u.capacity, u.weight, now)
 
     def _disconnect(self, ident: bytes, why: str) -> None:
+        self.router.count_bad("backend", "unknown_worker")
         log.info("asking worker %s to reconnect: %s", ident.hex(), why)
         self.to_worker(ident, protocol.encode_disconnect(why), None)
 
@@ -426,6 +445,8 @@ class Broker:
                 payload = frames[3]
                 if len(payload) > max_size:
                     self.router.stats.bad += 1
+                    self.router.count_bad("frontend", "too_large")
+                    self.router.count_status(req.service, protocol.STATUS_TOO_LARGE)
                     self.router.answer(frames[0].bytes, req.rid, protocol.STATUS_TOO_LARGE,
                                        f"payload of {len(payload)} bytes is over the limit of {max_size}")
                     continue
@@ -435,7 +456,7 @@ class Broker:
                 if refusal is not None:
                     why = refusal(str(frames[0].get("User-Id")), req.service)
                     if why is not None:
-                        self.router.forbid(frames[0].bytes, req.rid, why)
+                        self.router.forbid(frames[0].bytes, req.rid, req.service, why)
                         continue
                 request(frames[0].bytes, req.rid, req.service, req.timeout_ms, req.attempt, req.flags, key,
                         payload, now)
@@ -444,6 +465,8 @@ class Broker:
 
     def _bad_request(self, frames: list[zmq.Frame], exc: protocol.BadMessage) -> None:
         self.router.stats.bad += 1
+        self.router.count_bad("frontend", exc.kind)
+        self.router.count_status("", protocol.STATUS_BAD_REQUEST)  # no trustworthy service name: ""
         client = frames[0].bytes
         log.warning("bad request from client %s: %s", client.hex(), exc)
         self.router.answer(client, exc.rid, protocol.STATUS_BAD_REQUEST, f"bad request: {exc}")

@@ -257,7 +257,8 @@ def test_recheck_after_reload_disconnects_revoked_workers_and_requeues_their_req
 
 def test_forbid_answers_forbidden_and_counts() -> None:
     r, sink, _ = _router()
-    r.forbid(b"c", 7, "client key 'c' may not call 'payments'")
+    r.forbid(b"c", 7, "payments", "client key 'c' may not call 'payments'")
     assert sink.to_clients == [(b"c", [p.REPLY, 7, p.STATUS_FORBIDDEN, 0, "client key 'c' may not call 'payments'",
                                        None])]
     assert r.stats.forbidden == 1
+    assert r.service_stats["payments"].counts[p.STATUS_FORBIDDEN] == 1  # zrouter_requests_total{status="forbidden"}
