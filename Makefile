@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration bench consul clean
+.PHONY: demo test lint unit integration bench consul prometheus chromium clean
 
 $(STAMP): setup.cfg pyproject.toml setup.py $(wildcard zrouter/_native/*.pyx zrouter/_native/*.pxd)
 	$(PYTHON) -m venv $(VENV)
@@ -16,14 +16,16 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 # The README's test command; .ci/run calls exactly this.
-test: $(STAMP) consul lint
-	CONSUL_BIN="$$(scripts/get-consul)" $(PY) -m pytest -q
+test: $(STAMP) consul prometheus chromium lint
+	CONSUL_BIN="$$(scripts/get-consul)" PROMETHEUS_BIN="$$(scripts/get-prometheus)" \
+	CHROMIUM_BIN="$$(scripts/get-chromium)" $(PY) -m pytest -q
 	ZROUTER_PURE=1 CONSUL_BIN="$$(scripts/get-consul)" $(PY) -m pytest -q $(PURE_TESTS)
 
 # The suites run a second time on the pure-Python path (ZROUTER_PURE=1; the first run is on
 # the compiled one), so the two cannot drift: every decoder, limit and conversation on both.
 PURE_TESTS := tests/unit tests/protocol tests/fuzz tests/native tests/integration/test_system.py \
-	tests/integration/test_worker_peer.py tests/integration/test_client_peer.py tests/integration/test_worker_inline.py
+	tests/integration/test_worker_peer.py tests/integration/test_client_peer.py tests/integration/test_worker_inline.py \
+	tests/integration/test_curve.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check zrouter broker worker client tests bench scripts
@@ -34,6 +36,16 @@ unit: $(STAMP)
 
 consul:
 	scripts/get-consul >/dev/null
+
+# The real Prometheus server that scrapes a broker in tests/integration/test_observe_prometheus.py
+# (Debian's package, unpacked into .cache/), and the real Chromium that Playwright drives in
+# test_observe_browser.py (Debian's package, installed with apt-get as root; never `playwright
+# install`).
+prometheus:
+	scripts/get-prometheus >/dev/null
+
+chromium:
+	scripts/get-chromium >/dev/null
 
 # NATS and RabbitMQ servers come from Debian (bench/mq.py starts its own on free loopback ports).
 bench: $(STAMP)

@@ -21,11 +21,12 @@ __all__ = ["drain_replies", "drain_requests"]
 Other = Callable[[list[zmq.Frame], float], None]
 
 
-def drain_requests(sock: zmq.Socket[Any], batch: int, max_size: int, request: Callable[..., None], other: Other,
-                   now: float) -> bool:
+def drain_requests(sock: zmq.Socket[Any], batch: int, max_size: int, request: Callable[..., None] | None,
+                   other: Other, now: float) -> bool:
     """Client messages from the front end. ``request(client, rid, service, timeout_ms, attempt,
     flags, key, payload, now)`` is what a valid REQUEST (payload within ``max_size``, ``key``
-    bytes or None) leads to. Returns True when ``batch`` messages were read (more may wait)."""
+    bytes or None) leads to; None: every message needs ``other`` (the compiled twin then sends
+    them all there too). Returns True when ``batch`` messages were read (more may wait)."""
     for _ in range(batch):
         try:
             frames = recv_frames(sock, NOBLOCK)

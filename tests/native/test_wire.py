@@ -90,11 +90,15 @@ def test_a_closed_socket_raises_instead_of_touching_freed_memory(ctx: zmq.Contex
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_a_frame_tells_the_fd_it_came_in_on(ctx: zmq.Context[Any], impl: ModuleType) -> None:
+def test_a_frame_tells_the_fd_and_the_properties_it_came_with(ctx: zmq.Context[Any], impl: ModuleType) -> None:
     router, dealer = _pair(ctx, free_tcp_endpoint())
     impl.send_frames(dealer, [b"ZRT1", b"x"])
     frames = impl.recv_frames(router)
     assert frames[0].get(zmq.SRCFD) > 2
+    # Metadata properties by name, as the broker reads CURVE's "User-Id".
+    assert frames[0].get("Socket-Type") == "DEALER" and frames[1].get(b"Socket-Type") == "DEALER"
+    with pytest.raises(zmq.ZMQError):
+        frames[0].get("No-Such-Property")
 
 
 def test_received_frames_are_views_not_copies(ctx: zmq.Context[Any]) -> None:

@@ -7,7 +7,8 @@ compiled codec takes on its fast path, a payload within the size limit) goes str
 from a worker (same shape) to ``reply(worker, rid, status, flags, message, error_type, payload,
 now)``. Those are the calls the broker's per-message Python code makes for such messages
 (a str key is passed as its UTF-8 bytes, as that code does). Every other message, malformed
-ones and all control traffic, goes to ``other(frames, now)``: that same Python code.
+ones and all control traffic, goes to ``other(frames, now)``: that same Python code; so does
+every message when ``request`` is None (the broker checks CURVE keys per request in Python).
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -80,8 +81,8 @@ def drain_requests(sock, int batch, Py_ssize_t max_size, request, other, now):
         except _Again:
             return False
         count = 0
-        if (len(frames) == 4 and _is_sig(frames[1]) and _header(frames[2], items, &count) == PARSE_OK
-                and count >= 7 and items[0].kind == K_UINT and items[0].u == 1
+        if (request is not None and len(frames) == 4 and _is_sig(frames[1])
+                and _header(frames[2], items, &count) == PARSE_OK and count >= 7 and items[0].kind == K_UINT and items[0].u == 1
                 and items[1].kind == K_UINT and items[1].u >= 1
                 and items[2].kind == K_STR and 1 <= items[2].n <= MAX_SERVICE_LEN
                 and items[3].kind == K_UINT and 1 <= items[3].u <= MAX_TIMEOUT_MS

@@ -44,6 +44,7 @@ cdef extern from *:
         size_t (*msg_size)(const zr_msg_t *);
         int (*msg_more)(const zr_msg_t *);
         int (*msg_get)(const zr_msg_t *, int);
+        const char *(*msg_gets)(const zr_msg_t *, const char *);
         int (*zerrno)(void);
         void (*version)(int *, int *, int *);
     } zr_api_t;
@@ -56,7 +57,7 @@ cdef extern from *:
         ZR_SYM(msg_close, "zmq_msg_close") ZR_SYM(msg_copy, "zmq_msg_copy")
         ZR_SYM(msg_recv, "zmq_msg_recv") ZR_SYM(msg_send, "zmq_msg_send")
         ZR_SYM(msg_data, "zmq_msg_data") ZR_SYM(msg_size, "zmq_msg_size")
-        ZR_SYM(msg_more, "zmq_msg_more") ZR_SYM(msg_get, "zmq_msg_get")
+        ZR_SYM(msg_more, "zmq_msg_more") ZR_SYM(msg_get, "zmq_msg_get") ZR_SYM(msg_gets, "zmq_msg_gets")
         ZR_SYM(zerrno, "zmq_errno") ZR_SYM(version, "zmq_version")
         #undef ZR_SYM
         return NULL;
@@ -75,6 +76,7 @@ cdef extern from *:
         size_t (*msg_size)(const zr_msg_t *) noexcept nogil
         int (*msg_more)(const zr_msg_t *) noexcept nogil
         int (*msg_get)(const zr_msg_t *, int) noexcept nogil
+        const char *(*msg_gets)(const zr_msg_t *, const char *) noexcept nogil
         int (*zerrno)() noexcept nogil
         void (*version)(int *, int *, int *) noexcept nogil
     zr_api_t zr
@@ -155,8 +157,18 @@ cdef class Part:
         return memoryview(self)
 
     def get(self, option):
-        """A message property, as ``zmq.Frame.get`` (zrouter reads SRCFD and MORE)."""
-        cdef int value = zr.msg_get(&self.msg, option)
+        """A message property, as ``zmq.Frame.get``: an int option (zrouter reads SRCFD), or a
+        str one, a metadata property such as "User-Id" (CURVE: the peer's public key)."""
+        cdef int value
+        cdef const char *text
+        cdef bytes name
+        if isinstance(option, (str, bytes)):
+            name = option.encode() if isinstance(option, str) else option
+            text = zr.msg_gets(&self.msg, name)
+            if text == NULL:
+                raise _error(zr.zerrno())
+            return text.decode("utf-8")
+        value = zr.msg_get(&self.msg, option)
         if value == -1:
             raise _error(zr.zerrno())
         return value
