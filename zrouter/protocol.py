@@ -374,6 +374,8 @@ def _text_ok(value: Any, limit: int, empty: bool = True) -> bool:
 
 def _expect(header: list[Any], command: int, n: int, name: str) -> None:
     if header[0] != command:
+        if header[0] not in _KNOWN:  # told apart, so that the receiver can ignore it
+            raise UnknownCommand(header[0])
         raise BadMessage("wrong_command", f"expected {name}, got command {header[0]}", _rid_of(header))
     if len(header) < n:
         raise BadMessage("field", f"{name} header needs {n} elements, got {len(header)}", _rid_of(header))
