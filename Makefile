@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration bench consul clean
+.PHONY: demo test lint unit integration bench consul clean fuzz
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ unit: $(STAMP)
 
 consul:
 	scripts/get-consul >/dev/null
+
+# A million or more hostile inputs (sockets and in-process decoders), new seed; prints the counts.
+fuzz: $(STAMP)
+	$(PY) -m bench.fuzz
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
