@@ -169,7 +169,7 @@ class Router:
         grace_until = None if svc.n_routable else now + self.grace
         if not svc.queue.push(req, now, grace_until):
             self.stats.overloaded += 1
-            self.answer(client, crid, protocol.STATUS_OVERLOADED, f"queue of {service!r} is full")
+            self.answer(client, crid, protocol.STATUS_OVERLOADED, f"the queue of service {service} is full")
 
     def answer(self, client: bytes, crid: int, status: int, message: str) -> None:
         self.sink.to_client(client, protocol.encode_reply(crid, status, 0, message), b"")
@@ -471,7 +471,7 @@ class Router:
             if svc.queue:
                 for req, status in svc.queue.expire(now, unavailable=not svc.n_routable):
                     if status == protocol.STATUS_UNAVAILABLE:
-                        text = f"no worker serves {svc.name!r}"
+                        text = f"no worker serves service {svc.name}"
                     else:
                         text = "deadline passed while queued"
                     self._fail(req, status, text)

@@ -65,7 +65,7 @@ def _report(name: str, **figures: Any) -> None:
 
 def test_broker_survives_hostile_peers_on_both_ports(procs: ProcessGroup, ctx: zmq.Context[Any]) -> None:
     broker = procs.broker("--heartbeat", "0.5", "--grace", "0.2")
-    procs.worker(broker, service=PROTECTED, handler="zrouter.worker.examples:echo", capacity=8, heartbeat=0.5)
+    procs.worker(broker, service=PROTECTED, handler="zrouter.worker.examples:echo", capacity=8, heartbeat=1.0)
     broker.wait_workers(1)
     [instance] = [m.group(1) for line in broker.lines if (m := re.search(r"worker (\S+) joined", line))]
     counts = Counts()
