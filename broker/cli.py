@@ -25,6 +25,17 @@ def _service_policy(text: str) -> tuple[str, str]:
     return service, policy
 
 
+def _service_seconds(text: str) -> tuple[str, float]:
+    service, sep, seconds = text.partition("=")
+    try:
+        value = float(seconds)
+    except ValueError:
+        value = -1.0
+    if not sep or not service or not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"expected SERVICE=SECONDS (>= 0), got {text!r}")
+    return service, value
+
+
 def _size(text: str) -> int:
     units = {"k": 1024, "m": 1024**2, "g": 1024**3}
     t = text.strip().lower().removesuffix("b").removesuffix("i")
@@ -49,6 +60,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="dispatch policy for services without their own")
     p.add_argument("--service-policy", type=_service_policy, action="append", default=[],
                    metavar="SERVICE=POLICY", help="policy for one service (repeatable)")
+    p.add_argument("--slow-start", type=float, default=d.slow_start, metavar="SECONDS",
+                   help="ramp a worker joining an established service up over this long: its weight "
+                        "from 10%% and its credits from 1, linearly (0: off)")
+    p.add_argument("--service-slow-start", type=_service_seconds, action="append", default=[],
+                   metavar="SERVICE=SECONDS", help="--slow-start for one service (repeatable)")
     p.add_argument("--max-queue", type=int, default=d.max_queue, metavar="N",
                    help="requests waiting per service before the broker answers 'overloaded'")
     p.add_argument("--max-attempts", type=int, default=d.max_attempts, metavar="N",
@@ -85,6 +101,8 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         liveness=args.liveness,
         default_policy=args.policy,
         service_policies=dict(args.service_policy),
+        slow_start=args.slow_start,
+        service_slow_start=dict(args.service_slow_start),
         max_queue=args.max_queue,
         max_attempts=args.max_attempts,
         grace=args.grace,

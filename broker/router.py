@@ -25,7 +25,7 @@ from typing import Any, Final, Protocol
 import msgpack
 
 from zrouter.broker.policies.base import make_policy
-from zrouter.broker.policies.p2c_ewma import update_ewma
+from zrouter.broker.slow_start import slow_credit, slow_weight, starts_slow
 from zrouter.broker.state import ServiceQueue
 from zrouter.broker.state import DONE, INFLIGHT, Request, Service, WorkerState
 from zrouter import protocol
@@ -96,6 +96,8 @@ class Router:
         liveness_timeout: float = 3.0,
         liveness: int = 3,
         rng: random.Random | None = None,
+        slow_start: float = 0.0,
+        service_slow_start: Mapping[str, float] | None = None,
     ) -> None:
         self.sink = sink
         self.default_policy = default_policy
@@ -108,6 +110,10 @@ class Router:
         self.liveness_timeout = liveness_timeout
         self.liveness = liveness
         self.rng = rng or random.Random()
+        # Slow start window (s) of new workers, by service (zrouter.broker.slow_start); 0 = off.
+        self.slow_start = slow_start
+        self.service_slow_start = dict(service_slow_start or {})
+        self._ramping: dict[bytes, WorkerState] = {}  # workers in their slow start, by ident
         self.services: dict[str, Service] = {}
         self.workers: dict[bytes, WorkerState] = {}
         self.by_instance: dict[str, WorkerState] = {}
@@ -195,7 +201,7 @@ class Router:
         w.outstanding += 1
         self.n_inflight += 1
         svc = req.service
-        if w.outstanding >= w.capacity:
+        if w.outstanding >= w.credit:
             svc.policy.remove(w)
             w.in_policy = False
         else:
@@ -262,10 +268,15 @@ class Router:
         self.stats.workers_joined += 1
         if self.on_join is not None:
             self.on_join(w, now)
-        self._apply_weight(w)
+        window = self.service_slow_start.get(svc.name, self.slow_start)
+        if starts_slow(window, now - svc.created_at, svc.n_routable, self.liveness_timeout):
+            w.slow_window = window
+            self._ramping[ident] = w
+        self._apply_weight(w, now)
         self._refresh(w)
         log.info(
-            "worker %s joined service %r (capacity %d, weight %s)", w.instance, svc.name, w.capacity, w.weight
+            "worker %s joined service %r (capacity %d, weight %s)%s", w.instance, svc.name, w.capacity, w.weight,
+            f", slow start over {w.slow_window:g}s" if w.slow_window else "",
         )
         self._pump(svc, now)
         return w
@@ -339,14 +350,15 @@ class Router:
         w.outstanding -= 1
         self.n_inflight -= 1
         w.served += 1
-        w.ewma = update_ewma(w.ewma, now - req.sent_at, now - w.ewma_at)
-        w.ewma_at = now
         self.stats.replied += 1
         self.sink.to_client(req.client, _packb((_REPLY, req.crid, status, flags, message, error_type)), payload)
         svc = w.service
+        svc.policy.done(w, now - req.sent_at, now)
+        if w.slow_window:
+            self._apply_weight(w, now)
         if w.in_policy:
             svc.policy.changed(w)
-        elif w.outstanding < w.capacity and w.counted:
+        elif w.outstanding < w.credit and w.counted:
             svc.policy.add(w)
             w.in_policy = True
         if svc.queue:
@@ -367,7 +379,7 @@ class Router:
         w.base_weight = weight
         if isinstance(w.declared, protocol.Ready):
             w.declared = w.declared._replace(capacity=capacity, weight=weight)
-        self._apply_weight(w)
+        self._apply_weight(w, now)
         self._refresh(w)
         self._grace_if_unserved(w.service, now)
         self._pump(w.service, now)
@@ -392,6 +404,9 @@ class Router:
         if w.in_policy:
             svc.policy.remove(w)
             w.in_policy = False
+        svc.policy.forget(w)
+        if self._ramping.get(w.ident) is w:
+            del self._ramping[w.ident]
         if w.counted:
             svc.n_routable -= 1
             w.counted = False
@@ -428,12 +443,25 @@ class Router:
         w.healthy = healthy
         w.health_weight = weight
         if changed:
-            self._apply_weight(w)
+            self._apply_weight(w, now)
             self._refresh(w)
             self._pump(w.service, now)
 
-    def _apply_weight(self, w: WorkerState) -> None:
-        w.weight = w.effective_weight()
+    def _apply_weight(self, w: WorkerState, now: float) -> None:
+        """Effective weight and credits: what was declared, Consul's say, then slow start."""
+        weight = w.effective_weight()
+        credit = w.capacity
+        if w.slow_window:
+            elapsed = now - w.joined_at
+            if elapsed < w.slow_window:
+                weight = slow_weight(weight, elapsed, w.slow_window)
+                credit = slow_credit(credit, elapsed, w.slow_window)
+            else:
+                w.slow_window = 0.0
+                if self._ramping.get(w.ident) is w:
+                    del self._ramping[w.ident]
+        w.weight = weight
+        w.credit = credit
 
     def _refresh(self, w: WorkerState) -> None:
         """Bring the policy's membership and the service's routable count up to date."""
@@ -442,7 +470,7 @@ class Router:
         if routable != w.counted:
             svc.n_routable += 1 if routable else -1
             w.counted = routable
-        if routable and w.outstanding < w.capacity:
+        if routable and w.outstanding < w.credit:
             if w.in_policy:
                 svc.policy.changed(w)
             else:
@@ -462,9 +490,20 @@ class Router:
         if heartbeat:
             self.send_heartbeats(now)
         self.expire(now)
+        self._ramp(now)
         for name in [n for n, s in self.services.items() if not s.workers and not s.queue
                      and now - s.created_at > self.grace]:
             del self.services[name]  # a typo'd service name must not live forever
+
+    def _ramp(self, now: float) -> None:
+        """Move the workers in slow start along their ramp (more credit may free queued work)."""
+        for w in list(self._ramping.values()):
+            if self._ramping.get(w.ident) is not w:
+                continue  # removed by an earlier worker's pump (unreachable)
+            self._apply_weight(w, now)
+            self._refresh(w)
+            if w.service.queue:
+                self._pump(w.service, now)
 
     def expire(self, now: float) -> None:
         for svc in self.services.values():

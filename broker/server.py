@@ -91,6 +91,8 @@ class BrokerConfig:
     broker_service: str = "zrouter-broker"
     advertise_frontend: str | None = None
     advertise_backend: str | None = None
+    slow_start: float = 0.0  # seconds over which a new worker's weight and credits ramp up; 0 = off
+    service_slow_start: dict[str, float] = field(default_factory=dict)
 
 
 class Broker:
@@ -108,6 +110,8 @@ class Broker:
             grace=config.grace,
             liveness_timeout=config.heartbeat_interval * config.liveness,
             liveness=config.liveness,
+            slow_start=config.slow_start,
+            service_slow_start=config.service_slow_start,
         )
         self.front: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)
         self.back: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)

@@ -83,10 +83,9 @@ class WorkerState:
         "beat_at",
         "capacity",
         "counted",
+        "credit",
         "declared",
         "draining",
-        "ewma",
-        "ewma_at",
         "fd",
         "health_weight",
         "healthy",
@@ -94,6 +93,7 @@ class WorkerState:
         "ident",
         "in_policy",
         "inflight",
+        "joined_at",
         "key",
         "last_seen",
         "meta",
@@ -101,6 +101,7 @@ class WorkerState:
         "served",
         "service",
         "silence_limit",
+        "slow_window",
         "weight",
     )
 
@@ -116,13 +117,14 @@ class WorkerState:
         self.ident = ident
         self.key = (meta.get("instance") or ident.hex()).encode()
         self.service = service
-        self.capacity = capacity
+        self.capacity = capacity  # what the worker declared (READY, UPDATE)
+        self.credit = capacity  # what the broker may have outstanding at it now (slow start)
         self.outstanding = 0
         self.base_weight = weight  # what the worker declared (or Consul's Weights.Passing)
         self.health_weight: float | None = None  # Consul's say: None = no opinion / no Consul
-        self.weight = float(weight)
-        self.ewma = 0.0
-        self.ewma_at = now
+        self.weight = float(weight)  # effective: Consul's say, then slow start
+        self.joined_at = now
+        self.slow_window = 0.0  # seconds of slow start, while it lasts (0: at full credit and weight)
         self.last_seen = now
         self.draining = False
         self.healthy = True  # False while Consul says critical, maintenance or deregistered
@@ -149,7 +151,7 @@ class WorkerState:
         return not self.draining and self.healthy and self.weight > 0
 
     def eligible(self) -> bool:
-        return self.outstanding < self.capacity and not self.draining and self.healthy and self.weight > 0
+        return self.outstanding < self.credit and not self.draining and self.healthy and self.weight > 0
 
     def __repr__(self) -> str:
         return f"<worker {self.instance} {self.service.name} {self.outstanding}/{self.capacity}>"
