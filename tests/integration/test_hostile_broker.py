@@ -323,3 +323,19 @@ def test_shutdown_tells_workers_to_go_at_once(procs: ProcessGroup, ctx: zmq.Cont
     assert _disconnect_reason(_recv(raw, timeout=3.0)) == "shutting down"
     real.wait_for(r"does not know us \(DISCONNECT\)", timeout=3.0)
     assert broker.wait() == 0
+
+
+def test_unknown_commands_are_ignored_on_both_ports(procs: ProcessGroup, ctx: zmq.Context[Any]) -> None:
+    broker = procs.broker("--heartbeat", "0.5", "--liveness", "10")
+    w = _dealer(ctx, broker.backend)
+    w.send_multipart([p.SIGNATURE, p.encode_ready("svc", 1, 1, {"instance": "w-1", "heartbeat_ms": "500"})])
+    broker.wait_workers(1)
+    client = _dealer(ctx, broker.frontend)
+    client.send_multipart([p.SIGNATURE, msgpack.packb([0x7F, 3, "svc"]), b"from a later version"])
+    w.send_multipart([p.SIGNATURE, msgpack.packb([0x7F, "from a later version"])])
+    _nothing(client, 0.3)  # no BAD_REQUEST
+    _nothing(w, 0.3)  # no DISCONNECT
+    client.send_multipart([p.SIGNATURE, p.encode_request(4, "svc", 5000), b"still registered"])
+    frames = _recv(w)
+    w.send_multipart([p.SIGNATURE, p.encode_reply(p.decode_request(frames[1]).rid), frames[2]])
+    assert _recv(client)[1:] == [p.encode_reply(4), b"still registered"]
