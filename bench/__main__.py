@@ -10,6 +10,8 @@ Sections (``--only`` takes these names, comma-separated):
   scale        idle broker cost with 10/100/1,000 workers, CPU per request, 100,000 queued
                requests, policy pick cost at 10/1,000/10,000 workers
   simulate     discrete-event simulation of the policies at 1,000 workers
+  metrics      the cost of observing: pipelined req/s with metrics on (--http, scraped every
+               second, a dashboard open) vs off, same run
 
 Progress goes to stderr; the table to stdout; results to bench/results/latest.json; plots to
 docs/bench/*.png.
@@ -30,7 +32,7 @@ from typing import Any
 
 from bench.harness import REPO, Row, Settings, progress
 
-SECTIONS = ("throughput", "latency", "payload", "policy", "failover", "scale", "simulate")
+SECTIONS = ("throughput", "latency", "payload", "policy", "failover", "scale", "simulate", "metrics")
 MODULES = {
     "throughput": "bench.throughput",
     "latency": "bench.latency",
@@ -39,6 +41,7 @@ MODULES = {
     "failover": "bench.failover",
     "scale": "bench.scale",
     "simulate": "bench.simulate",
+    "metrics": "bench.metrics",
 }
 COLUMNS = ("measurement", "zrouter", "zmq.proxy", "majortomo", "ratio", "target", "ok")
 

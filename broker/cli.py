@@ -12,6 +12,7 @@ from typing import Any
 
 from zrouter.broker.server import Broker, BrokerConfig
 from zrouter.broker.policies import POLICIES
+from zrouter.logfmt import FORMATS, configure_logging
 
 __all__ = ["main", "parse_args"]
 
@@ -90,6 +91,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--advertise-backend", metavar="ENDPOINT",
                    help="back-end endpoint published in Consul (default: the bound one)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", default="text", choices=FORMATS,
+                   help="json: one JSON object a line (keys ts, level, logger, event; service, instance, rid)")
+    h = p.add_argument_group("Observing and operating (off unless --http is given)")
+    h.add_argument("--http", metavar="HOST:PORT",
+                   help="serve the dashboard (/), /status, /metrics (Prometheus) and admin actions here; "
+                        "port 0 picks a free port (logged)")
+    h.add_argument("--admin-token", default=os.environ.get("ZROUTER_ADMIN_TOKEN") or None, metavar="TOKEN",
+                   help="enable the admin actions (drain, weight, policy) for requests carrying "
+                        "'Authorization: Bearer TOKEN' (default: $ZROUTER_ADMIN_TOKEN; none: admin off)")
     return p.parse_args(argv)
 
 
@@ -114,13 +124,19 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         broker_service=args.broker_service,
         advertise_frontend=args.advertise_frontend,
         advertise_backend=args.advertise_backend,
+        http=args.http,
+        admin_token=args.admin_token,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    broker = Broker(config_from_args(args))
+    configure_logging(args.log_level, args.log_format)
+    try:
+        broker = Broker(config_from_args(args))
+    except ValueError as exc:  # e.g. a malformed --http address
+        logging.getLogger("zrouter.broker").error("%s", exc)
+        return 2
     try:
         broker.bind()
     except Exception as exc:

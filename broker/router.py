@@ -18,6 +18,7 @@ import heapq
 import itertools
 import logging
 import random
+from bisect import bisect_left
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Final, Protocol
@@ -26,6 +27,7 @@ import msgpack
 
 from zrouter.broker.policies.base import make_policy
 from zrouter.broker.slow_start import slow_credit, slow_weight, starts_slow
+from zrouter.broker.counters import BOUNDS, LATENCY_ALPHA, MAX_SERVICES, OTHER_SERVICE, ServiceStats
 from zrouter.broker.state import ServiceQueue
 from zrouter.broker.state import DONE, INFLIGHT, Request, Service, WorkerState
 from zrouter import protocol
@@ -40,6 +42,7 @@ _REPLY: Final = protocol.REPLY
 _IDEMPOTENT: Final = protocol.FLAG_IDEMPOTENT
 _HEARTBEAT: Final = protocol.encode_heartbeat()
 _DRAIN: Final = protocol.encode_drain()
+_STATUS_OK: Final = protocol.STATUS_OK
 _SHUTTING_DOWN: Final = protocol.encode_disconnect("shutting down")
 
 
@@ -123,19 +126,14 @@ class Router:
         self.accepting = True
         # Called with each new worker before it can take work: Consul's verdict applies first.
         self.on_join: Callable[[WorkerState, float], None] | None = None
+        # Metrics (zrouter.broker.metrics reads them on this thread): per service name, bounded
+        # by MAX_SERVICES; bad messages by (port, kind), kinds being a fixed set of words.
+        self.service_stats: dict[str, ServiceStats] = {}
+        self.bad_messages: dict[tuple[str, str], int] = {}
         # Heartbeats to workers, each at its own interval: (due, seq, worker), stale entries
         # (worker gone or rescheduled) skipped when popped and shed when they outnumber the live.
         self._beats: list[tuple[float, int, WorkerState]] = []
         self._beat_seq = itertools.count()
-        # Messages refused per (port, kind): BadMessage kinds and READY refusals; a fixed set of
-        # labels, so a few dozen entries at most.
-        self.bad_messages: dict[tuple[str, str], int] = {}
-
-    def count_bad(self, port: str, kind: str) -> None:
-        """One more message refused on ``port`` ("frontend" or "backend") for ``kind``."""
-        self.stats.bad += 1
-        key = (port, kind)
-        self.bad_messages[key] = self.bad_messages.get(key, 0) + 1
 
     # -- services ---------------------------------------------------------------------------
 
@@ -143,8 +141,31 @@ class Router:
         svc = self.services.get(name)
         if svc is None:
             policy = make_policy(self.service_policies.get(name, self.default_policy), self.rng)
-            svc = self.services[name] = Service(name, policy, ServiceQueue(self.max_queue), now)
+            svc = self.services[name] = Service(name, policy, ServiceQueue(self.max_queue), now,
+                                                self.stats_for(name))
         return svc
+
+    # -- metrics ----------------------------------------------------------------------------
+
+    def stats_for(self, name: str) -> ServiceStats:
+        """The counters of service ``name`` (those of ``OTHER_SERVICE`` past MAX_SERVICES names)."""
+        st = self.service_stats.get(name)
+        if st is None:
+            if len(self.service_stats) >= MAX_SERVICES:
+                name = OTHER_SERVICE
+                st = self.service_stats.get(name)
+            if st is None:
+                st = self.service_stats[name] = ServiceStats(name)
+        return st
+
+    def count_status(self, service: str, status: int) -> None:
+        """A reply answered before a request reached the router (bad request, too large)."""
+        self.stats_for(service).count(status)
+
+    def count_bad(self, port: str, kind: str) -> None:
+        """A malformed or unexpected message on ``port`` ("frontend"/"backend")."""
+        key = (port, kind)
+        self.bad_messages[key] = self.bad_messages.get(key, 0) + 1
 
     # -- clients ----------------------------------------------------------------------------
 
@@ -162,25 +183,29 @@ class Router:
     ) -> None:
         """A client's request: dispatch it now, queue it, or refuse it with a reply."""
         if not self.accepting:
+            self.count_status(service, protocol.STATUS_UNAVAILABLE)
             self.answer(client, crid, protocol.STATUS_UNAVAILABLE, "broker is shutting down")
             return
         svc = self.services.get(service) or self.service(service, now)
-        req = Request(client, crid, svc, now + timeout_ms / 1000.0, attempt, flags, key, payload)
+        req = Request(client, crid, svc, now + timeout_ms / 1000.0, attempt, flags, key, payload, now)
         self.stats.accepted += 1
         if not svc.queue:
             w = svc.policy.pick(key)
             if w is not None:
+                svc.stats.wait.buckets[0] += 1  # waited 0 s: sum unchanged
                 self._dispatch(req, w, now)  # type: ignore[arg-type]
                 return
         grace_until = None if svc.n_routable else now + self.grace
         if not svc.queue.push(req, now, grace_until):
             self.stats.overloaded += 1
+            svc.stats.counts[protocol.STATUS_OVERLOADED] += 1
             self.answer(client, crid, protocol.STATUS_OVERLOADED, f"the queue of service {service} is full")
 
     def answer(self, client: bytes, crid: int, status: int, message: str) -> None:
         self.sink.to_client(client, protocol.encode_reply(crid, status, 0, message), b"")
 
-    def _fail(self, req: Request, status: int, message: str) -> None:
+    def _fail(self, req: Request, status: int, message: str, now: float | None = None) -> None:
+        """Answer ``req`` with an error; ``now`` (None at shutdown) times it for the metrics."""
         req.state = DONE
         if status == protocol.STATUS_TIMEOUT:
             self.stats.timeouts += 1
@@ -188,6 +213,10 @@ class Router:
             self.stats.unavailable += 1
         elif status == protocol.STATUS_WORKER_LOST:
             self.stats.lost += 1
+        st = req.service.stats
+        st.counts[status] += 1
+        if now is not None:
+            st.duration.observe(now - req.accepted_at)
         self.answer(req.client, req.crid, status, message)
 
     def _dispatch(self, req: Request, w: WorkerState, now: float) -> None:
@@ -221,12 +250,13 @@ class Router:
                 break
             if now >= head.deadline:  # before picking: a pick moves round-robin/weighted state
                 queue.pop()
-                self._fail(head, protocol.STATUS_TIMEOUT, "deadline passed while queued")
+                self._fail(head, protocol.STATUS_TIMEOUT, "deadline passed while queued", now)
                 continue
             w = policy.pick(head.key)
             if w is None:
                 break
             queue.pop()
+            svc.stats.wait.observe(now - head.queued_at)
             self._dispatch(head, w, now)  # type: ignore[arg-type]
 
     # -- workers ----------------------------------------------------------------------------
@@ -277,6 +307,7 @@ class Router:
         log.info(
             "worker %s joined service %r (capacity %d, weight %s)%s", w.instance, svc.name, w.capacity, w.weight,
             f", slow start over {w.slow_window:g}s" if w.slow_window else "",
+            extra={"service": svc.name, "instance": w.instance},
         )
         self._pump(svc, now)
         return w
@@ -344,7 +375,8 @@ class Router:
         req = w.inflight.pop(rid, None)
         if req is None:
             self.stats.late += 1
-            log.debug("dropped a late or unknown reply %d from %s", rid, w.instance)
+            log.debug("dropped a late or unknown reply %d from %s", rid, w.instance,
+                      extra={"service": w.service.name, "instance": w.instance, "rid": rid})
             return
         req.state = DONE
         w.outstanding -= 1
@@ -353,9 +385,21 @@ class Router:
         self.stats.replied += 1
         self.sink.to_client(req.client, _packb((_REPLY, req.crid, status, flags, message, error_type)), payload)
         svc = w.service
-        svc.policy.done(w, now - req.sent_at, now)
+        latency = now - req.sent_at
+        svc.policy.done(w, latency, now)
         if w.slow_window:
             self._apply_weight(w, now)
+        ewma = w.latency_ewma  # for /status only; the first reply sets it
+        w.latency_ewma = ewma + (latency - ewma) * LATENCY_ALPHA if ewma else latency
+        st = svc.stats
+        if status == _STATUS_OK:
+            st.counts[0] += 1
+        else:
+            st.count(status)
+        d = now - req.accepted_at
+        hist = st.duration
+        hist.buckets[bisect_left(BOUNDS, d)] += 1
+        hist.sum += d
         if w.in_policy:
             svc.policy.changed(w)
         elif w.outstanding < w.credit and w.counted:
@@ -368,7 +412,8 @@ class Router:
         """The worker is leaving: no new work; what it holds may finish. Acknowledged so the
         worker knows nothing more is on its way."""
         if not w.draining:
-            log.info("worker %s is draining (%d in flight)", w.instance, w.outstanding)
+            log.info("worker %s is draining (%d in flight)", w.instance, w.outstanding,
+                     extra={"service": w.service.name, "instance": w.instance})
         w.draining = True
         self._refresh(w)
         self._grace_if_unserved(w.service, now)
@@ -420,18 +465,21 @@ class Router:
         self._grace_if_unserved(svc, now)
         for req in reversed(held):  # reversed + push_front keeps their original order
             if not req.flags & _IDEMPOTENT:
-                self._fail(req, protocol.STATUS_WORKER_LOST, "worker lost; request not idempotent, outcome unknown")
+                self._fail(req, protocol.STATUS_WORKER_LOST, "worker lost; request not idempotent, outcome unknown", now)
             elif req.attempt + 1 >= self.max_attempts:
-                self._fail(req, protocol.STATUS_WORKER_LOST, f"worker lost on attempt {req.attempt + 1}; retry budget spent, outcome unknown")
+                self._fail(req, protocol.STATUS_WORKER_LOST, f"worker lost on attempt {req.attempt + 1}; retry budget spent, outcome unknown", now)
             elif now >= req.deadline:
-                self._fail(req, protocol.STATUS_TIMEOUT, "deadline passed; its worker was lost")
+                self._fail(req, protocol.STATUS_TIMEOUT, "deadline passed; its worker was lost", now)
             else:
                 req.attempt += 1
+                req.queued_at = now
                 svc.queue.push_front(req, grace_until)
                 requeued += 1
         self.stats.requeued += requeued
+        svc.stats.requeued += requeued
         log.info("worker %s left service %r (%s); %d requests requeued, %d failed",
-                 w.instance, svc.name, reason, requeued, len(held) - requeued)
+                 w.instance, svc.name, reason, requeued, len(held) - requeued,
+                 extra={"service": svc.name, "instance": w.instance})
         self._pump(svc, now)
 
     # -- health from outside (Consul) -------------------------------------------------------
@@ -442,10 +490,59 @@ class Router:
         changed = w.healthy != healthy or w.health_weight != weight
         w.healthy = healthy
         w.health_weight = weight
+        if changed and w.admin_weight is not None:
+            # Consul is the source of truth: a new verdict there replaces an operator's override.
+            log.info("worker %s: Consul's new verdict replaces the weight %g set by an operator",
+                     w.instance, w.admin_weight, extra={"service": w.service.name, "instance": w.instance})
+            w.admin_weight = None
         if changed:
             self._apply_weight(w, now)
             self._refresh(w)
             self._pump(w.service, now)
+
+    # -- operator actions (the broker's admin HTTP API) ----------------------------------------
+
+    def drain_worker(self, instance: str, now: float) -> WorkerState | None:
+        """Give worker ``instance`` no new work; what it holds finishes. It stays connected (it
+        did not ask to leave, so it gets no DRAIN) until it reconnects or stops. None: unknown."""
+        w = self.by_instance.get(instance)
+        if w is None:
+            return None
+        if not w.draining:
+            log.info("worker %s drained by an operator (%d in flight)", w.instance, w.outstanding,
+                     extra={"service": w.service.name, "instance": w.instance})
+        w.draining = True
+        self._refresh(w)
+        return w
+
+    def set_worker_weight(self, instance: str, weight: float, now: float) -> WorkerState | None:
+        """Override worker ``instance``'s weight (>= 0; 0 takes it out of rotation) until it
+        reconnects or Consul's verdict on it changes. None: unknown instance."""
+        if not weight >= 0:
+            raise ValueError(f"weight must be a number >= 0, got {weight!r}")
+        w = self.by_instance.get(instance)
+        if w is None:
+            return None
+        w.admin_weight = float(weight)
+        self._apply_weight(w, now)
+        self._refresh(w)
+        self._pump(w.service, now)
+        return w
+
+    def set_service_policy(self, service: str, policy: str, now: float) -> Service | None:
+        """Switch ``service`` to dispatch policy ``policy`` now (ValueError: no such policy),
+        and for the rest of this broker's life. None: no such service here."""
+        svc = self.services.get(service)
+        if svc is None:
+            return None
+        new = make_policy(policy, self.rng)
+        for w in svc.workers.values():
+            if w.in_policy:
+                new.add(w)
+        svc.policy = new
+        self.service_policies[service] = policy
+        self._pump(svc, now)
+        return svc
 
     def _apply_weight(self, w: WorkerState, now: float) -> None:
         """Effective weight and credits: what was declared, Consul's say, then slow start."""
@@ -513,7 +610,7 @@ class Router:
                         text = f"no worker serves service {svc.name}"
                     else:
                         text = "deadline passed while queued"
-                    self._fail(req, status, text)
+                    self._fail(req, status, text, now)
 
     def next_timer(self) -> float | None:
         soonest: float | None = None

@@ -27,6 +27,7 @@ from zrouter.broker.router import Refused, Router
 
 if TYPE_CHECKING:
     from zrouter.broker.consul_link import ConsulLink
+    from zrouter.broker.http import BrokerHTTP
 from zrouter import protocol
 from zrouter.ratelimit import RateLimiter
 from zrouter.transport import NOBLOCK, SNDMORE, recv_frames
@@ -93,6 +94,8 @@ class BrokerConfig:
     advertise_backend: str | None = None
     slow_start: float = 0.0  # seconds over which a new worker's weight and credits ramp up; 0 = off
     service_slow_start: dict[str, float] = field(default_factory=dict)
+    http: str | None = None  # HOST:PORT for metrics, status, dashboard and admin (None: no HTTP)
+    admin_token: str | None = None  # enables the admin actions on the HTTP side
 
 
 class Broker:
@@ -144,6 +147,12 @@ class Broker:
                 self, config.consul, config.consul_token, broker_service=config.broker_service,
                 advertise_frontend=config.advertise_frontend, advertise_backend=config.advertise_backend,
             )
+        # The HTTP side runs on threads of its own and reaches the router only through call_soon.
+        self.http: BrokerHTTP | None = None
+        if config.http:
+            from zrouter.broker.http import BrokerHTTP
+
+            self.http = BrokerHTTP(self, config.http, config.admin_token, self.consul)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -152,6 +161,8 @@ class Broker:
         self.back.bind(self.config.backend)
         self.frontend_endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend_endpoint = self.back.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.http is not None:
+            self.http.bind()
         log.info("broker listening: clients on %s, workers on %s; policy %s%s",
                  self.frontend_endpoint, self.backend_endpoint, self.config.default_policy,
                  "".join(f", {s}={p}" for s, p in self.config.service_policies.items()))
@@ -173,6 +184,8 @@ class Broker:
             pass  # already awake, or closing
 
     def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
         self.back.disable_monitor()
         for s in (self.monitor, self.front, self.back):
             s.close()
@@ -221,6 +234,8 @@ class Broker:
         router = self.router
         router.abandon_inflight()
         router.disconnect_all()  # "shutting down": they reconnect, with back-off, at once
+        if self.http is not None:
+            self.http.close()
         if self.consul is not None:
             self.consul.stop()
         log.info("broker stopped: %s", router.stats.as_dict())
@@ -246,6 +261,8 @@ class Broker:
         stop_by = self._stop_by  # kept across a restart of this loop after an error
         if self.consul is not None and not self.ready.is_set():
             self.consul.start()
+        if self.http is not None and not self.ready.is_set():
+            self.http.start()
         self.ready.set()
         while True:
             now = time.monotonic()
@@ -355,7 +372,7 @@ class Broker:
             w.last_seen = now
         if len(frames) == 3 and frames[2].bytes == _HEARTBEAT_HEADER and frames[1].bytes == _SIG:
             if w is None:  # skip msgpack for the most common message of an idle broker
-                self._disconnect(ident, "HEARTBEAT from an unknown worker: send READY on a new connection", now)
+                self._unknown_worker(ident, "HEARTBEAT", now)
             return
         protocol.check_frames(frames, 1)
         msg = protocol.decode_worker_message(frames[2].buffer)
@@ -363,13 +380,13 @@ class Broker:
         kind = type(msg)
         if kind is protocol.Reply:
             if w is None:
-                self._disconnect(ident, "REPLY from an unknown worker: send READY on a new connection", now)
+                self._unknown_worker(ident, "REPLY", now)
                 return
             r: protocol.Reply = msg  # type: ignore[assignment]
             router.worker_reply(w, r.rid, r.status, r.flags, r.message, r.error_type, frames[3], now)
         elif kind is protocol.Heartbeat:
             if w is None:
-                self._disconnect(ident, "HEARTBEAT from an unknown worker: send READY on a new connection", now)
+                self._unknown_worker(ident, "HEARTBEAT", now)
         elif kind is protocol.Ready:
             # Events queued before this connection's first message belong to older connections
             # (maybe on this same fd number): handle them first so they cannot hit this worker.
@@ -386,8 +403,7 @@ class Broker:
                 return
             self._fd_worker[fd] = ident
         elif w is None:
-            self._disconnect(ident, f"{kind.__name__.upper()} from an unknown worker: send READY on a new connection",
-                             now)
+            self._unknown_worker(ident, kind.__name__.upper(), now)
         elif kind is protocol.Drain:
             router.worker_drain(w, now)
         elif kind is protocol.Disconnect:
@@ -398,6 +414,12 @@ class Broker:
         elif kind is protocol.Update:
             u: protocol.Update = msg  # type: ignore[assignment]
             router.worker_update(w, u.capacity, u.weight, now)
+
+    def _unknown_worker(self, ident: bytes, what: str, now: float) -> None:
+        """A message other than READY from a connection the broker does not know: counted, and
+        answered DISCONNECT (paced)."""
+        self.router.count_bad(BACKEND, "unknown_worker")
+        self._disconnect(ident, f"{what} from an unknown worker: send READY on a new connection", now)
 
     def _bad_worker_message(self, ident: bytes, exc: protocol.BadMessage, now: float) -> None:
         """Counted and logged (paced). An unknown command is then ignored (later versions may
@@ -423,6 +445,7 @@ class Broker:
         self._log_paced(ident, port, logging.ERROR, "error handling a message from %s %s (serving on)",
                         "client" if port == FRONTEND else "worker", _peer(ident), exc_info=True)
         if port == FRONTEND:
+            self.router.count_status("", protocol.STATUS_BAD_REQUEST)
             self.router.answer(ident, rid, protocol.STATUS_BAD_REQUEST, "bad request: the broker failed to handle it")
             return
         w = self.router.workers.get(ident)
@@ -474,7 +497,9 @@ class Broker:
                 rid = req.rid
                 payload = frames[3]
                 if len(payload) > max_size:
+                    self.router.stats.bad += 1
                     self.router.count_bad(FRONTEND, "too_large")
+                    self.router.count_status(req.service, protocol.STATUS_TOO_LARGE)
                     self.router.answer(frames[0].bytes, req.rid, protocol.STATUS_TOO_LARGE,
                                        f"payload of {len(payload)} bytes is over the limit of {max_size}")
                     continue
@@ -496,6 +521,8 @@ class Broker:
         self._log_paced(client, FRONTEND, logging.WARNING, "bad request from client %s: %s", _peer(client), exc)
         if type(exc) is protocol.UnknownCommand:
             return
+        self.router.stats.bad += 1
+        self.router.count_status("", protocol.STATUS_BAD_REQUEST)  # no trustworthy service name: ""
         self.router.answer(client, exc.rid, protocol.STATUS_BAD_REQUEST, f"bad request: {exc}")
 
 

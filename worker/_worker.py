@@ -20,6 +20,7 @@ from ._context import current_request
 from ._consul_link import BrokerFollower, ConsulRegistration
 from ._engine import Engine
 from ._handlers import AsyncRunner, Reply, Runner, SyncPool
+from ._http import HandlerMetrics, MetricsServer
 from ._inline import InlineEngine
 from ._registration import RegistrationTicker
 
@@ -78,6 +79,10 @@ class Worker:
     and requeue what it held (the worker then registers again). A graceful stop waits for the
     running handler; a second signal interrupts it (when ``run()`` is in the main thread).
 
+    ``http="HOST:PORT"`` serves the worker's own Prometheus metrics on ``GET /metrics`` there
+    (handler duration histogram, handler calls in flight, errors by exception type; port 0 picks
+    a free port, see :attr:`metrics_url`); ValueError for a malformed address.
+
     Several brokers share ``capacity``: each gets a part, announced in READY and changed with
     UPDATE as brokers come and go; :meth:`set_brokers` changes the list at run time.
 
@@ -113,6 +118,7 @@ class Worker:
         tags: Iterable[str] = (),
         broker_service: str | None = None,
         inline: bool = False,
+        http: str | None = None,
     ) -> None:
         if not isinstance(service, str) or not service:
             raise ValueError("service must be a non-empty string")
@@ -148,6 +154,13 @@ class Worker:
         if inline and self.is_async:
             raise ValueError("inline runs sync handlers only (a coroutine handler has its asyncio loop)")
         self.inline = inline
+        # Handler metrics on GET http://HOST:PORT/metrics; without http nothing is timed.
+        self._metrics_server: MetricsServer | None = None
+        self._run_handler = handler
+        if http:
+            metrics = HandlerMetrics(service, capacity)
+            self._metrics_server = MetricsServer(http, metrics)  # ValueError for a bad address
+            self._run_handler = metrics.wrap(handler, self.is_async)
         self.capacity = capacity
         self.weight = weight
         self.heartbeat_interval = heartbeat_interval
@@ -181,7 +194,7 @@ class Worker:
             "liveness": liveness, "meta": self.meta, "drain_timeout": drain_timeout, "brokers": self._brokers,
         }  # fmt: skip
         self._engine: Engine = (
-            InlineEngine(handler=handler, instance_id=self.instance_id, **settings)
+            InlineEngine(handler=self._run_handler, instance_id=self.instance_id, **settings)
             if inline
             else Engine(runner_factory=self._make_runner, **settings)
         )
@@ -201,14 +214,19 @@ class Worker:
         return list(self._brokers)
 
     @property
+    def metrics_url(self) -> str | None:
+        """``http://HOST:PORT`` of the worker's metrics while it runs with ``http``, else None."""
+        return self._metrics_server.url or None if self._metrics_server is not None else None
+
+    @property
     def running(self) -> bool:
         return self._state == _RUNNING
 
     def _make_runner(self, post: Callable[[Reply], None]) -> Runner:
         name = f"zrouter-worker-{self.service}"
         if self.is_async:
-            return AsyncRunner(post, self.instance_id, self.handler, name)
-        return SyncPool(post, self.instance_id, self.handler, self.capacity, name)
+            return AsyncRunner(post, self.instance_id, self._run_handler, name)
+        return SyncPool(post, self.instance_id, self._run_handler, self.capacity, name)
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -237,8 +255,12 @@ class Worker:
         if self._follower is not None:
             self._follower.start()  # delivers through set_brokers, which the loop picks up
         try:
+            if self._metrics_server is not None:
+                self._metrics_server.start()
             self._engine.run(on_started=ticker.start if ticker is not None else None)
         finally:
+            if self._metrics_server is not None:
+                self._metrics_server.close()
             if self._follower is not None:
                 self._follower.stop()
             if ticker is not None:
