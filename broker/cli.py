@@ -10,6 +10,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import zmq
+
+from zrouter.broker.auth import exposed_endpoints
 from zrouter.broker.server import Broker, BrokerConfig
 from zrouter.broker.policies import POLICIES
 from zrouter.logfmt import FORMATS, configure_logging
@@ -90,6 +93,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="front-end endpoint published in Consul (default: the bound one)")
     g.add_argument("--advertise-backend", metavar="ENDPOINT",
                    help="back-end endpoint published in Consul (default: the bound one)")
+    c = p.add_argument_group("CURVE: encryption and authentication (see README, Security)")
+    c.add_argument("--curve-secret-key", metavar="FILE",
+                   help="this broker's .key_secret (from zrouter-keys): CURVE on both sockets")
+    c.add_argument("--worker-keys", metavar="DIR",
+                   help="public .key files of the workers allowed to register (required with CURVE)")
+    c.add_argument("--client-keys", metavar="DIR",
+                   help="public .key files of the clients allowed to connect (default: any client that "
+                        "knows the broker's public key; encrypted, not authenticated)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--log-format", default="text", choices=FORMATS,
                    help="json: one JSON object a line (keys ts, level, logger, event; service, instance, rid)")
@@ -100,7 +111,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     h.add_argument("--admin-token", default=os.environ.get("ZROUTER_ADMIN_TOKEN") or None, metavar="TOKEN",
                    help="enable the admin actions (drain, weight, policy) for requests carrying "
                         "'Authorization: Bearer TOKEN' (default: $ZROUTER_ADMIN_TOKEN; none: admin off)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.curve_secret_key and not args.worker_keys:
+        p.error("--curve-secret-key needs --worker-keys DIR (the workers' public keys)")
+    if not args.curve_secret_key and (args.worker_keys or args.client_keys):
+        p.error("--worker-keys and --client-keys need --curve-secret-key")
+    return args
 
 
 def config_from_args(args: argparse.Namespace) -> BrokerConfig:
@@ -126,23 +142,31 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         advertise_backend=args.advertise_backend,
         http=args.http,
         admin_token=args.admin_token,
+        curve_secret_key=args.curve_secret_key,
+        worker_keys=args.worker_keys,
+        client_keys=args.client_keys,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level, args.log_format)
+    log = logging.getLogger("zrouter.broker")
     try:
         broker = Broker(config_from_args(args))
-    except ValueError as exc:  # e.g. a malformed --http address
-        logging.getLogger("zrouter.broker").error("%s", exc)
+    except (OSError, ValueError, RuntimeError, zmq.ZMQError) as exc:  # unreadable keys, no CURVE, bad --http
+        log.error("cannot start: %s", exc)
         return 2
     try:
         broker.bind()
     except Exception as exc:
-        logging.getLogger("zrouter.broker").error("cannot bind: %s", exc)
+        log.error("cannot bind: %s", exc)
         broker.close()
         return 2
+    exposed = exposed_endpoints([broker.frontend_endpoint, broker.backend_endpoint])
+    if exposed and broker.auth is None:
+        log.warning("listening beyond loopback (%s) without CURVE: anyone who can reach it may register as a "
+                    "worker or call any service, in clear text; see README, Security", ", ".join(exposed))
 
     def _stop(signum: int, _frame: Any) -> None:
         logging.getLogger("zrouter.broker").info("received %s", signal.Signals(signum).name)
@@ -150,6 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
+    if broker.auth is not None:
+        def _reload(signum: int, _frame: Any) -> None:
+            log.info("received SIGHUP: reloading keys")
+            broker.call_soon(broker.reload_keys)
+
+        signal.signal(signal.SIGHUP, _reload)
     try:
         broker.run()
     finally:

@@ -32,7 +32,7 @@ from zrouter.broker.state import ServiceQueue
 from zrouter.broker.state import DONE, INFLIGHT, Request, Service, WorkerState
 from zrouter import protocol
 
-__all__ = ["Refused", "Router", "Sink", "Stats"]
+__all__ = ["Access", "Refused", "Router", "Sink", "Stats"]
 
 log = logging.getLogger("zrouter.broker")
 
@@ -64,6 +64,15 @@ class Sink(Protocol):
     def to_client(self, client: bytes, header: bytes, payload: Any) -> None: ...
 
 
+class Access(Protocol):
+    """Which services a worker's CURVE key may serve (``zrouter.broker.auth.Keyring``).
+
+    ``key`` is the connection's User-Id as ZAP set it (its Z85 public key); the answer is the
+    reason for a refusal, or None when allowed."""
+
+    def worker_refusal(self, key: str | None, service: str) -> str | None: ...
+
+
 @dataclass(slots=True)
 class Stats:
     """Counters for logs and metrics; plain ints so the hot path pays one add."""
@@ -77,6 +86,7 @@ class Stats:
     overloaded: int = 0
     late: int = 0
     bad: int = 0
+    forbidden: int = 0  # requests and READYs refused by key (CURVE brokers)
     workers_joined: int = 0
     workers_left: int = 0
 
@@ -130,6 +140,9 @@ class Router:
         # by MAX_SERVICES; bad messages by (port, kind), kinds being a fixed set of words.
         self.service_stats: dict[str, ServiceStats] = {}
         self.bad_messages: dict[tuple[str, str], int] = {}
+        # CURVE brokers: who may serve what, and each worker's key (to re-check on reload).
+        self.access: Access | None = None
+        self.worker_keys: dict[bytes, str] = {}
         # Heartbeats to workers, each at its own interval: (due, seq, worker), stale entries
         # (worker gone or rescheduled) skipped when popped and shed when they outnumber the live.
         self._beats: list[tuple[float, int, WorkerState]] = []
@@ -261,8 +274,11 @@ class Router:
 
     # -- workers ----------------------------------------------------------------------------
 
-    def worker_ready(self, ident: bytes, ready: protocol.Ready, now: float, fd: int = -1) -> WorkerState:
-        """Register the worker on connection ``ident`` (a worker is its connection).
+    def worker_ready(
+        self, ident: bytes, ready: protocol.Ready, now: float, fd: int = -1, user_id: str | None = None
+    ) -> WorkerState:
+        """Register the worker on connection ``ident`` (a worker is its connection; ``user_id``:
+        its CURVE key, already checked by :meth:`admit_worker`).
 
         A READY identical to the connection's current registration changes nothing (a worker
         may repeat it); a different one replaces it (what the worker held is requeued). A READY
@@ -285,6 +301,8 @@ class Router:
             if now - other.last_seen < 2 * other.heartbeat:
                 raise Refused("instance_in_use", f"instance {instance} is registered on another live connection")
             self.remove_worker(other, "replaced by a new connection of the same instance", now)
+        if user_id is not None:
+            self.worker_keys[ident] = user_id
         svc = self.service(ready.service, now)
         w = WorkerState(ident, svc, ready.capacity, ready.weight, ready.meta, now)
         w.fd = fd
@@ -442,6 +460,8 @@ class Router:
         if self.workers.get(w.ident) is not w:
             return
         del self.workers[w.ident]
+        if self.worker_keys:
+            self.worker_keys.pop(w.ident, None)
         if self.by_instance.get(w.instance) is w:
             del self.by_instance[w.instance]
         svc = w.service
@@ -481,6 +501,49 @@ class Router:
                  w.instance, svc.name, reason, requeued, len(held) - requeued,
                  extra={"service": svc.name, "instance": w.instance})
         self._pump(svc, now)
+
+    # -- authorization (CURVE brokers) ------------------------------------------------------
+
+    def admit_worker(self, ident: bytes, user_id: str | None, service: str, now: float) -> bool:
+        """May the worker whose key is ``user_id`` register for ``service``? If not, it gets
+        DISCONNECT with the reason, and what it held on this connection is taken back."""
+        access = self.access
+        if access is None:
+            return True
+        why = access.worker_refusal(user_id, service)
+        if why is None:
+            return True
+        self.stats.forbidden += 1
+        old = self.workers.get(ident)
+        if old is not None:
+            self.remove_worker(old, why, now)
+        self.sink.to_worker(ident, protocol.encode_disconnect(why), None)
+        return False
+
+    def recheck_workers(self, now: float) -> int:
+        """After the keys changed (SIGHUP): every worker whose key no longer allows its service
+        is removed (what it held is requeued or failed, as for a lost worker) and told
+        DISCONNECT with the reason. Returns how many."""
+        access = self.access
+        if access is None:
+            return 0
+        n = 0
+        for ident, user_id in list(self.worker_keys.items()):
+            w = self.workers.get(ident)
+            if w is None:
+                continue
+            why = access.worker_refusal(user_id, w.service.name)
+            if why is not None:
+                self.remove_worker(w, f"key revoked: {why}", now)
+                self.sink.to_worker(ident, protocol.encode_disconnect(why), None)
+                n += 1
+        return n
+
+    def forbid(self, client: bytes, crid: int, service: str, why: str) -> None:
+        """Answer a request its client's key may not make: FORBIDDEN, counted (also per service)."""
+        self.stats.forbidden += 1
+        self.count_status(service, protocol.STATUS_FORBIDDEN)
+        self.answer(client, crid, protocol.STATUS_FORBIDDEN, why)
 
     # -- health from outside (Consul) -------------------------------------------------------
 

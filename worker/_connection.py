@@ -27,6 +27,7 @@ requests of closed connections still running. A new broker's READY announces onl
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -35,6 +36,7 @@ from typing import Any, Final
 
 import zmq
 
+from zrouter.curve import EVENT_HANDSHAKE_FAILED, EVENT_HANDSHAKE_SUCCEEDED, ClientKeys, HandshakeWatch, apply_client, parse_event
 from zrouter.protocol import SIGNATURE, encode_heartbeat
 from zrouter.transport import NOBLOCK, SNDMORE, send_frames
 
@@ -57,6 +59,9 @@ DRAINING: Final = 2  # DRAIN sent: waiting for the ack and for the replies still
 
 BACKOFF_INITIAL: Final = 0.1
 BACKOFF_MAX: Final = 2.0
+REFUSED_RETRY: Final = 30.0  # a broker that refused our CURVE key is asked again this much later
+
+_monitor_seq = itertools.count()  # monitor endpoints must be unique in the process
 
 _HEARTBEAT_FRAMES: Final = (SIGNATURE, encode_heartbeat())
 _MORE: Final = SNDMORE | NOBLOCK
@@ -95,20 +100,26 @@ class BrokerConnection:
         "generation",
         "last_recv",
         "last_send",
+        "monitor",
         "order",
         "owed",
         "reconnect_at",
+        "refused",
         "removed",
         "settle_at",
         "share",
         "sock",
         "state",
+        "watch",
     )
 
     def __init__(self, endpoint: str, order: int) -> None:
         self.endpoint = endpoint
         self.order = order  # position in the broker list: who gets the larger share
         self.sock: zmq.Socket[Any] | None = None
+        self.monitor: zmq.Socket[Any] | None = None  # with CURVE: handshake failures
+        self.watch = HandshakeWatch()
+        self.refused: str | None = None  # why the broker refused our key on this connection
         self.generation = 0
         self.state = BACKOFF
         self.confirmed = False  # heard from the broker since the last READY
@@ -127,10 +138,20 @@ class BrokerConnection:
     def __repr__(self) -> str:
         return f"<BrokerConnection {self.endpoint} gen={self.generation} state={self.state}>"
 
-    def open(self, ctx: zmq.Context[Any], ready: bytes, share: int, now: float) -> zmq.Socket[Any]:
-        """New socket and generation; READY (announcing ``share``) is queued at once."""
+    def open(
+        self, ctx: zmq.Context[Any], ready: bytes, share: int, now: float, curve: ClientKeys | None = None
+    ) -> zmq.Socket[Any]:
+        """New socket and generation; READY (announcing ``share``) is queued at once. With
+        ``curve`` the socket is a CURVE client and :attr:`monitor` reports its handshakes."""
         sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        self.refused = None
+        if curve is not None:
+            apply_client(sock, curve)
+            self.watch = HandshakeWatch()
+            self.monitor = sock.get_monitor_socket(EVENT_HANDSHAKE_FAILED | EVENT_HANDSHAKE_SUCCEEDED,
+                                                   f"inproc://zrouter.worker.monitor.{next(_monitor_seq)}")
+            self.monitor.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
         self.sock = sock
         self.start(share, now)
@@ -212,9 +233,33 @@ class BrokerConnection:
         self.confirmed = False
         self.share = 0
         self.excess = 0  # a new connection is a new registration: the broker forgets the old one
+        monitor, self.monitor = self.monitor, None
         if sock is not None:
+            if monitor is not None:
+                sock.disable_monitor()
+                monitor.close(0)
             sock.close(linger_ms)
         return sock
+
+    def read_monitor(self) -> str | None:
+        """Handle the handshake events queued on :attr:`monitor`; returns (and records in
+        :attr:`refused`) the reason when the broker refused this connection's handshake."""
+        monitor = self.monitor
+        while monitor is not None:
+            try:
+                msg = monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            why = self.watch.feed(*parse_event(msg))
+            if why is not None:
+                self.refused = why
+        return self.refused
+
+    def schedule_retry_refused(self, now: float) -> None:
+        """After a refused handshake: no socket until ``REFUSED_RETRY`` seconds from now (libzmq
+        does not retry a refused handshake, and asking at once would only be refused again)."""
+        self.state = BACKOFF
+        self.reconnect_at = now + REFUSED_RETRY
 
     def schedule_reconnect(self, now: float) -> float:
         self.state = BACKOFF

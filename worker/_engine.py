@@ -20,7 +20,8 @@ from typing import Any, Final
 
 import zmq
 
-from zrouter.errors import ProtocolError
+from zrouter.curve import ClientKeys
+from zrouter.errors import AuthenticationFailed, ProtocolError
 from zrouter.protocol import (
     DISCONNECT,
     DRAIN,
@@ -69,6 +70,7 @@ class Engine:
         drain_timeout: float,
         brokers: Sequence[str],
         runner_factory: RunnerFactory,
+        curve: ClientKeys | None = None,
     ) -> None:
         self.service = service
         self.capacity = capacity
@@ -78,6 +80,8 @@ class Engine:
         self.meta = meta
         self.drain_timeout = drain_timeout
         self._runner_factory = runner_factory
+        self.curve = curve  # CURVE keys for every broker connection (None: no CURVE)
+        self.refused: AuthenticationFailed | None = None  # set when every broker refused our key
         self.closed = threading.Event()  # set once the loop has ended (late posts go nowhere)
         self.last_tick = 0.0  # monotonic time of the loop's latest wake-up (registration health)
 
@@ -104,6 +108,7 @@ class Engine:
         self._ctx: zmq.Context[Any] | None = None
         self._poller = zmq.Poller()
         self._by_sock: dict[zmq.Socket[Any], BrokerConnection] = {}
+        self._by_monitor: dict[zmq.Socket[Any], BrokerConnection] = {}  # CURVE handshake monitors
         self._submit: Callable[[Job], None] = lambda job: None
         self._replies: deque[Reply] = deque()  # from the runner's threads (post)
         self._reply_woken = False  # a wake-up byte for the replies is on its way
@@ -179,6 +184,8 @@ class Engine:
                 ctx.term()  # waits (bounded by linger) for DISCONNECTs to be flushed
             else:
                 log.warning("handlers still running after the drain timeout: abandoning them")
+        if self.refused is not None:
+            raise self.refused
 
     def _loop(self) -> None:
         poller = self._poller
@@ -206,6 +213,8 @@ class Engine:
                     self._on_broker(conn, sock, now)
                 elif sock == wake_fd:
                     self._on_wake(now)
+                elif sock in self._by_monitor:
+                    self._on_monitor(self._by_monitor[sock], now)
             now = after_events(now)
 
     def _after_events(self, now: float) -> float:
@@ -399,9 +408,12 @@ class Engine:
         # Until the broker confirms us, take only capacity no other broker may hold.
         share = ready_share(self.capacity, self.running + len(self.backlog), self.conns)
         ready = encode_ready(self.service, share, self.weight, self.meta)
-        sock = conn.open(self._ctx, ready, share, now)
+        sock = conn.open(self._ctx, ready, share, now, self.curve)
         self._poller.register(sock, zmq.POLLIN)
         self._by_sock[sock] = conn
+        if conn.monitor is not None:
+            self._poller.register(conn.monitor, zmq.POLLIN)
+            self._by_monitor[conn.monitor] = conn
         log.info("connecting to broker %s (connection %d), capacity %d", conn.endpoint, conn.generation, share)
 
     def _confirm(self, conn: BrokerConnection, now: float) -> None:
@@ -415,7 +427,25 @@ class Engine:
         if sock is not None:
             self._poller.unregister(sock)
             del self._by_sock[sock]
+            if conn.monitor is not None:
+                self._poller.unregister(conn.monitor)
+                del self._by_monitor[conn.monitor]
             conn.close(linger_ms)
+
+    def _on_monitor(self, conn: BrokerConnection, now: float) -> None:
+        """CURVE only: a broker refused our handshake. Loud, and final once every broker has:
+        the loop ends and run() raises AuthenticationFailed."""
+        why = conn.read_monitor()
+        if why is None:
+            return
+        log.error("broker %s refused this worker: %s", conn.endpoint, why)
+        self._close(conn, 0)
+        conn.schedule_retry_refused(now)
+        self._rebalance(now)
+        self._dirty = True
+        if all(c.refused for c in self.conns):
+            self.refused = AuthenticationFailed(f"broker {conn.endpoint}: {why}")
+            self._finished = True
 
     def _remove(self, conn: BrokerConnection, linger_ms: int = 0) -> None:
         self._close(conn, linger_ms)

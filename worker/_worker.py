@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from zrouter import __version__
 from zrouter.consul import consul_address
+from zrouter.curve import client_keys
 
 from ._context import current_request
 from ._consul_link import BrokerFollower, ConsulRegistration
@@ -98,6 +99,12 @@ class Worker:
     ``consul_token`` is the ACL token (default ``$CONSUL_HTTP_TOKEN``). ``broker_service``
     (instead of ``broker``) finds the brokers registered in Consul under that name and follows
     them as they come and go.
+
+    ``curve_server_key`` (the brokers' public ``.key`` file) and ``curve_secret_key`` (this
+    worker's ``.key_secret``) turn CURVE on: every broker connection is encrypted and the broker
+    authenticates the worker's key (brokers found through Consul must all have that server key).
+    A broker that refuses the key is logged at ERROR; when every broker has refused it,
+    ``run()`` raises ``AuthenticationFailed`` with the reason libzmq reported.
     """
 
     def __init__(
@@ -119,6 +126,8 @@ class Worker:
         broker_service: str | None = None,
         inline: bool = False,
         http: str | None = None,
+        curve_server_key: str | os.PathLike[str] | None = None,
+        curve_secret_key: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(service, str) or not service:
             raise ValueError("service must be a non-empty string")
@@ -132,6 +141,7 @@ class Worker:
             raise ValueError("heartbeat_interval must be > 0 and liveness >= 1")
         if drain_timeout < 0:
             raise ValueError("drain_timeout must be >= 0")
+        curve = client_keys(curve_server_key, curve_secret_key)  # unreadable keys fail here
         consul = consul or None
         if consul is not None:
             consul_address(consul)  # a malformed address fails here, not in a background thread
@@ -192,6 +202,7 @@ class Worker:
         settings: dict[str, Any] = {
             "service": service, "capacity": capacity, "weight": weight, "heartbeat_interval": heartbeat_interval,
             "liveness": liveness, "meta": self.meta, "drain_timeout": drain_timeout, "brokers": self._brokers,
+            "curve": curve,
         }  # fmt: skip
         self._engine: Engine = (
             InlineEngine(handler=self._run_handler, instance_id=self.instance_id, **settings)

@@ -24,12 +24,14 @@ import argparse
 import asyncio
 import functools
 import importlib
+import logging
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from zrouter.errors import AuthenticationFailed
 from zrouter.logfmt import FORMATS, configure_logging
 
 from ._context import current_request
@@ -137,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--broker-service", metavar="NAME",
         help="find the brokers in Consul under this service name (e.g. zrouter-broker) instead of --broker",
     )  # fmt: skip
+    c = p.add_argument_group("CURVE (see README, Security)")
+    c.add_argument("--curve-server-key", metavar="FILE", help="the brokers' public .key file")
+    c.add_argument("--curve-secret-key", metavar="FILE", help="this worker's .key_secret file (from zrouter-keys)")
     return p
 
 
@@ -183,10 +188,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             broker_service=args.broker_service,
             inline=args.inline,
             http=args.http,
+            curve_server_key=args.curve_server_key,
+            curve_secret_key=args.curve_secret_key,
         )
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OSError, RuntimeError) as exc:
         parser.error(str(exc))
     if json_logs is not None:
         json_logs.static["instance"] = worker.instance_id
-    worker.run()
+    try:
+        worker.run()
+    except AuthenticationFailed as exc:
+        logging.getLogger("zrouter.worker").error("stopping: %s", exc)
+        return 3
     return 0
