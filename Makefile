@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration bench consul prometheus chromium clean
+.PHONY: demo test lint unit integration bench consul prometheus chromium clean fuzz
 
 $(STAMP): setup.cfg pyproject.toml setup.py $(wildcard zrouter/_native/*.pyx zrouter/_native/*.pxd)
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ test: $(STAMP) consul prometheus chromium lint
 # the compiled one), so the two cannot drift: every decoder, limit and conversation on both.
 PURE_TESTS := tests/unit tests/protocol tests/fuzz tests/native tests/integration/test_system.py \
 	tests/integration/test_worker_peer.py tests/integration/test_client_peer.py tests/integration/test_worker_inline.py \
-	tests/integration/test_curve.py
+	tests/integration/test_curve.py tests/integration/test_hostile_broker.py tests/integration/test_hostile_loop.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check zrouter broker worker client tests bench scripts
@@ -36,6 +36,10 @@ unit: $(STAMP)
 
 consul:
 	scripts/get-consul >/dev/null
+
+# A million or more hostile inputs (sockets and in-process decoders), new seed; prints the counts.
+fuzz: $(STAMP)
+	$(PY) -m bench.fuzz
 
 # The real Prometheus server that scrapes a broker in tests/integration/test_observe_prometheus.py
 # (Debian's package, unpacked into .cache/), and the real Chromium that Playwright drives in

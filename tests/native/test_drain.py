@@ -28,6 +28,7 @@ def h(*fields: Any) -> bytes:
 
 
 R, P = p.REQUEST, p.REPLY
+BUGGY_RID = 77  # the router raises for this rid: that message alone fails, the next ones are served
 CLIENT_MESSAGES: list[list[bytes]] = [
     [SIG, h(R, 1, "echo", 5000, 0, 3, None), b"payload"],
     [SIG, h(R, 2**64 - 1, "é" * 100, 1, 255, 2**32 - 1, b"k" * 255), b""],
@@ -47,6 +48,7 @@ CLIENT_MESSAGES: list[list[bytes]] = [
     [SIG, h(True, 14, "echo", 100, 0, 1, None), b"x"],
     [SIG, h(R, 15, ["nested"], 100, 0, 1, None), b"x"],
     [SIG],
+    [SIG, h(R, BUGGY_RID, "echo", 100, 0, 1, None), b"x"],
     [SIG, h(R, 16, "echo", 100, 0, 1, None), b"x"],
 ]
 WORKER_MESSAGES: list[list[bytes]] = [
@@ -61,6 +63,7 @@ WORKER_MESSAGES: list[list[bytes]] = [
     [SIG, p.encode_drain()],
     [b"nope", h(P, 7, 0, 0, None, None), b"x"],
     [SIG, h(R, 8, "echo", 100, 0, 1, None), b"x"],  # a REQUEST from a worker
+    [SIG, h(P, BUGGY_RID, 0, 0, None, None), b"x"],
     [SIG, h(P, 9, 0, 0, None, None), b"x"],
 ]
 
@@ -82,6 +85,8 @@ class Recorder:
     def __call__(self, name: str) -> Callable[..., None]:
         def record(*args: Any) -> None:
             self.calls.append((name, *(_comparable(a) for a in args)))
+            if name in ("request", "worker_reply") and BUGGY_RID in args:
+                raise RuntimeError("a bug met by this one message")
 
         return record
 
@@ -111,7 +116,9 @@ def _feed(messages: list[list[bytes]], front: bool, impl: ModuleType) -> list[tu
     router.worker_reply = rec("worker_reply")
     router.worker_update = rec("worker_update")
     router.worker_drain = rec("worker_drain")
+    router.remove_worker = rec("remove_worker")
     broker._disconnect = rec("disconnect")  # type: ignore[method-assign]
+    broker._message_failed = rec("message_failed")  # type: ignore[method-assign]
     peer = broker.ctx.socket(zmq.DEALER)
     peer.setsockopt(zmq.ROUTING_ID, b"peer-1")
     peer.connect(broker.frontend_endpoint if front else broker.backend_endpoint)
@@ -122,10 +129,12 @@ def _feed(messages: list[list[bytes]], front: bool, impl: ModuleType) -> list[tu
         for msg in messages:
             peer.send_multipart(msg)  # inproc: queued whole at the broker once sent
         if front:
-            while impl.drain_requests(broker.front, BATCH, MAX_SIZE, router.request, broker._on_client_message, 42.0):
+            while impl.drain_requests(broker.front, BATCH, MAX_SIZE, router.request, broker._on_client_message,
+                                       broker._request_failed, 42.0):
                 pass
         else:
-            while impl.drain_replies(broker.back, BATCH, broker._on_reply, broker._on_worker_frames, 42.0):
+            while impl.drain_replies(broker.back, BATCH, broker._on_reply, broker._on_worker_frames, broker._reply_failed,
+                                      42.0):
                 pass
     finally:
         peer.close(0)
@@ -143,6 +152,9 @@ def test_both_drains_make_the_same_router_calls(front: bool) -> None:
     assert compiled == pure
     kinds = {c[0] for c in pure}
     assert kinds >= ({"request", "answer"} if front else {"worker_reply", "worker_update", "worker_drain"}), kinds
+    failed = [c for c in pure if c[0] == "message_failed"]
+    assert len(failed) == 1 and failed[0][2] == b"peer-1", failed
+    assert pure[-1][0] == ("request" if front else "worker_reply")  # served on after the failure
 
 
 def test_the_compiled_drain_calls_the_router_itself_for_valid_messages(broker: Broker) -> None:
@@ -159,7 +171,8 @@ def test_the_compiled_drain_calls_the_router_itself_for_valid_messages(broker: B
             peer.send_multipart(msg)
         assert broker.front.poll(5000)
         while len(calls.calls) < len(valid):
-            native.drain_requests(broker.front, BATCH, MAX_SIZE, router.request, lambda f, now: slow.append(f), 1.0)
+            native.drain_requests(broker.front, BATCH, MAX_SIZE, router.request, lambda f, now: slow.append(f),
+                                  broker._request_failed, 1.0)
     finally:
         peer.close(0)
     assert slow == [] and [c[2] for c in calls.calls] == [1, 2**64 - 1, 3, 4, 5]
@@ -168,5 +181,5 @@ def test_the_compiled_drain_calls_the_router_itself_for_valid_messages(broker: B
 
 def test_drains_stop_on_an_empty_socket_and_after_a_batch(broker: Broker) -> None:
     for impl in (_drain, native):
-        assert impl.drain_requests(broker.front, 4, MAX_SIZE, print, print, 0.0) is False
-        assert impl.drain_replies(broker.back, 4, print, print, 0.0) is False
+        assert impl.drain_requests(broker.front, 4, MAX_SIZE, print, print, print, 0.0) is False
+        assert impl.drain_replies(broker.back, 4, print, print, print, 0.0) is False

@@ -9,6 +9,8 @@ now)``. Those are the calls the broker's per-message Python code makes for such 
 (a str key is passed as its UTF-8 bytes, as that code does). Every other message, malformed
 ones and all control traffic, goes to ``other(frames, now)``: that same Python code; so does
 every message when ``request`` is None (the broker checks CURVE keys per request in Python).
+Should ``request`` or ``reply`` raise, ``failed(peer, rid, now)`` is called from the except
+clause: the message alone fails, as it would in the Python code.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -70,7 +72,7 @@ cdef inline object _text(const Item *it):
     return PyUnicode_DecodeUTF8(it.s, it.n, NULL)
 
 
-def drain_requests(sock, int batch, Py_ssize_t max_size, request, other, now):
+def drain_requests(sock, int batch, Py_ssize_t max_size, request, other, failed, now):
     """See zrouter/_drain.py; returns True when ``batch`` messages were read."""
     cdef Item items[MAX_ITEMS]
     cdef int count, i, kk
@@ -93,14 +95,19 @@ def drain_requests(sock, int batch, Py_ssize_t max_size, request, other, now):
                 and len(frames[3]) <= max_size):
             kk = items[6].kind
             key = None if kk == K_NIL else PyBytes_FromStringAndSize(items[6].s, items[6].n)
-            request(frames[0].bytes, PyLong_FromUnsignedLongLong(items[1].u), _text(&items[2]), <long>items[3].u,
-                    <long>items[4].u, PyLong_FromUnsignedLongLong(items[5].u), key, frames[3], now)
+            client = frames[0].bytes
+            rid = PyLong_FromUnsignedLongLong(items[1].u)
+            try:
+                request(client, rid, _text(&items[2]), <long>items[3].u, <long>items[4].u,
+                        PyLong_FromUnsignedLongLong(items[5].u), key, frames[3], now)
+            except Exception:  # a bug met by this one request: it alone fails
+                failed(client, rid, now)
         else:
             other(frames, now)
     return True
 
 
-def drain_replies(sock, int batch, reply, other, now):
+def drain_replies(sock, int batch, reply, other, failed, now):
     """See zrouter/_drain.py; returns True when ``batch`` messages were read."""
     cdef Item items[MAX_ITEMS]
     cdef int count, i
@@ -118,9 +125,14 @@ def drain_replies(sock, int batch, reply, other, now):
                 and items[3].kind == K_UINT and items[3].u <= 0xFFFFFFFFu
                 and (items[4].kind == K_NIL or (items[4].kind == K_STR and items[4].n <= MAX_TEXT_LEN))
                 and (items[5].kind == K_NIL or (items[5].kind == K_STR and items[5].n <= MAX_TEXT_LEN))):
-            reply(frames[0].bytes, PyLong_FromUnsignedLongLong(items[1].u), <long>items[2].u,
-                  PyLong_FromUnsignedLongLong(items[3].u), None if items[4].kind == K_NIL else _text(&items[4]),
-                  None if items[5].kind == K_NIL else _text(&items[5]), frames[3], now)
+            worker = frames[0].bytes
+            rid = PyLong_FromUnsignedLongLong(items[1].u)
+            try:
+                reply(worker, rid, <long>items[2].u, PyLong_FromUnsignedLongLong(items[3].u),
+                      None if items[4].kind == K_NIL else _text(&items[4]),
+                      None if items[5].kind == K_NIL else _text(&items[5]), frames[3], now)
+            except Exception:  # a bug met by this one reply: it alone fails
+                failed(worker, rid, now)
         else:
             other(frames, now)
     return True
