@@ -14,6 +14,7 @@ reference: the compiled ones return the same result on every input (tests/fuzz c
     _speedups.native()          # True when the compiled path runs
     _speedups.decode_request    # zrouter._native.codec.decode_request or protocol.decode_request
     _speedups.recv_frames       # zrouter._native.wire.recv_frames or transport.recv_frames
+    _speedups.send_frames       # zrouter._native.wire.send_frames or zrouter._wire.send_frames
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Final
 
 import zmq
 
-from zrouter import _drain, protocol, transport
+from zrouter import _drain, _wire, protocol, transport
 
 __all__ = [
     "PURE_ENV",
@@ -103,14 +104,14 @@ drain_requests: Callable[..., bool]
 drain_replies: Callable[..., bool]
 
 if _LOADED:
-    _codec, _wire = _LOADED["codec"], _LOADED["wire"]
+    _codec, _cwire = _LOADED["codec"], _LOADED["wire"]
     decode_request = _codec.decode_request
     decode_reply = _codec.decode_reply
     decode_worker_message = _codec.decode_worker_message
     encode_request = _codec.encode_request
     encode_reply = _codec.encode_reply
-    recv_frames = _wire.recv_frames
-    send_frames = _wire.send_frames
+    recv_frames = _cwire.recv_frames
+    send_frames = _cwire.send_frames
     drain_requests = _LOADED["drain"].drain_requests
     drain_replies = _LOADED["drain"].drain_replies
 else:
@@ -120,6 +121,6 @@ else:
     encode_request = protocol.encode_request
     encode_reply = protocol.encode_reply
     recv_frames = transport.recv_frames
-    send_frames = transport.send_frames
+    send_frames = _wire.send_frames
     drain_requests = _drain.drain_requests
     drain_replies = _drain.drain_replies

@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterator
-from types import ModuleType
 from typing import Any
 
 import pytest
 import zmq
 
-from zrouter import _speedups, transport
+from zrouter import _speedups, _wire, transport
 from zrouter.transport import NOBLOCK, free_tcp_endpoint
 
 native = _speedups.load_native("wire")
-IMPLS = [pytest.param(transport, id="pure"), pytest.param(native, id="native")]
+
+class _Pure:
+    """The pure path: transport's receive, _wire's send."""
+
+    recv_frames = staticmethod(transport.recv_frames)
+    send_frames = staticmethod(_wire.send_frames)
+
+
+IMPLS = [pytest.param(_Pure, id="pure"), pytest.param(transport, id="transport"), pytest.param(native, id="native")]
 
 
 @pytest.fixture
@@ -33,7 +40,7 @@ def _pair(ctx: zmq.Context[Any], endpoint: str = "inproc://wire") -> tuple[zmq.S
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_frames_arrive_whole_in_order_and_readable_every_way(ctx: zmq.Context[Any], impl: ModuleType) -> None:
+def test_frames_arrive_whole_in_order_and_readable_every_way(ctx: zmq.Context[Any], impl: Any) -> None:
     router, dealer = _pair(ctx)
     big = bytes(range(256)) * 400  # over the 64 kB copy threshold: pyzmq sends it by reference
     impl.send_frames(dealer, [b"ZRT1", b"", bytearray(b"hdr"), memoryview(b"pay"), big])
@@ -49,14 +56,14 @@ def test_frames_arrive_whole_in_order_and_readable_every_way(ctx: zmq.Context[An
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_noblock_on_an_empty_socket_raises_again(ctx: zmq.Context[Any], impl: ModuleType) -> None:
+def test_noblock_on_an_empty_socket_raises_again(ctx: zmq.Context[Any], impl: Any) -> None:
     router, _ = _pair(ctx)
     with pytest.raises(zmq.Again):
         impl.recv_frames(router, NOBLOCK)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_an_unroutable_identity_is_refused_on_the_first_frame(ctx: zmq.Context[Any], impl: ModuleType) -> None:
+def test_an_unroutable_identity_is_refused_on_the_first_frame(ctx: zmq.Context[Any], impl: Any) -> None:
     router, dealer = _pair(ctx)
     router.setsockopt(zmq.ROUTER_MANDATORY, 1)
     with pytest.raises(zmq.ZMQError) as info:
@@ -70,7 +77,7 @@ def test_an_unroutable_identity_is_refused_on_the_first_frame(ctx: zmq.Context[A
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_a_full_pipe_refuses_under_noblock(ctx: zmq.Context[Any], impl: ModuleType) -> None:
+def test_a_full_pipe_refuses_under_noblock(ctx: zmq.Context[Any], impl: Any) -> None:
     dealer = ctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.IMMEDIATE, 1)  # no pipe until a connection completes, and none will
     dealer.connect(free_tcp_endpoint())
@@ -79,7 +86,7 @@ def test_a_full_pipe_refuses_under_noblock(ctx: zmq.Context[Any], impl: ModuleTy
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_a_closed_socket_raises_instead_of_touching_freed_memory(ctx: zmq.Context[Any], impl: ModuleType) -> None:
+def test_a_closed_socket_raises_instead_of_touching_freed_memory(ctx: zmq.Context[Any], impl: Any) -> None:
     _router, dealer = _pair(ctx)
     dealer.close(0)
     with pytest.raises(zmq.ZMQError) as info:
@@ -90,7 +97,7 @@ def test_a_closed_socket_raises_instead_of_touching_freed_memory(ctx: zmq.Contex
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_a_frame_tells_the_fd_and_the_properties_it_came_with(ctx: zmq.Context[Any], impl: ModuleType) -> None:
+def test_a_frame_tells_the_fd_and_the_properties_it_came_with(ctx: zmq.Context[Any], impl: Any) -> None:
     router, dealer = _pair(ctx, free_tcp_endpoint())
     impl.send_frames(dealer, [b"ZRT1", b"x"])
     frames = impl.recv_frames(router)

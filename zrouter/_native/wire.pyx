@@ -113,6 +113,7 @@ _resolve()
 _Again = zmq.Again
 _ZMQError = zmq.ZMQError
 _Socket = zmq.Socket
+from zrouter import _wire as _pure_wire
 from zrouter import transport as _transport
 
 
@@ -266,7 +267,7 @@ def send_frames(sock, frames, int flags=0):
     cdef Py_ssize_t i, last = len(frames) - 1
     cdef int err
     if h == NULL:
-        _transport.send_frames(sock, frames, flags)
+        _pure_wire.send_frames(sock, frames, flags)
         return
     for i in range(last + 1):
         while True:
