@@ -10,6 +10,7 @@ Sections (``--only`` takes these names, comma-separated):
   scale        idle broker cost with 10/100/1,000 workers, CPU per request, 100,000 queued
                requests, policy pick cost at 10/1,000/10,000 workers
   simulate     discrete-event simulation of the policies at 1,000 workers
+  mq           sections 5 and 4's SIGKILL and slow-worker scenarios on NATS and RabbitMQ
   metrics      the cost of observing: pipelined req/s with metrics on (--http, scraped every
                second, a dashboard open) vs off, same run
   curve        CURVE's cost: pipelined req/s and one-at-a-time p50, CURVE on vs off
@@ -33,7 +34,7 @@ from typing import Any
 
 from bench.harness import REPO, Row, Settings, progress
 
-SECTIONS = ("throughput", "latency", "payload", "policy", "failover", "scale", "simulate", "metrics", "curve")
+SECTIONS = ("throughput", "latency", "payload", "policy", "failover", "scale", "simulate", "metrics", "curve", "mq")
 MODULES = {
     "throughput": "bench.throughput",
     "latency": "bench.latency",
@@ -44,6 +45,7 @@ MODULES = {
     "simulate": "bench.simulate",
     "metrics": "bench.metrics",
     "curve": "bench.curve",
+    "mq": "bench.mq_scenarios",
 }
 COLUMNS = ("measurement", "zrouter", "zrouter pure", "zmq.proxy", "majortomo", "NATS", "RabbitMQ", "ratio", "target",
            "ok")

@@ -203,6 +203,11 @@ def main(argv: list[str] | None = None) -> None:
                    "nats": nats_sync, "rabbitmq": rabbitmq_sync}[args.system]
         lat = measure(args.endpoint, payload, int(args.warmup), args.count)
         out = summarize(lat)
+    elif args.mode == "open" and args.system in ("nats", "rabbitmq"):
+        from bench import mq
+
+        out = asyncio.run(mq.open_loop(args.system, args.endpoint, args.rate, args.duration, int(args.warmup), args.seed,
+                                       args.timeout, args.kill_pid, args.kill_at))
     elif args.mode == "open":
         args.warmup = int(args.warmup)
         out = asyncio.run(open_loop(args))

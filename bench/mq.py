@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -40,6 +41,7 @@ __all__ = [
     "RABBITMQ_BIN",
     "nats_available",
     "nats_pipe",
+    "open_loop",
     "nats_sync",
     "rabbitmq_available",
     "rabbitmq_pipe",
@@ -122,18 +124,21 @@ class ServerSystem:
         self.workers = workers
 
 
-def start_nats(cluster: Cluster, workers: int = 2, timeout: float = 30.0) -> ServerSystem:
+def start_nats(cluster: Cluster, workers: int = 2, timeout: float = 30.0, mode: str = "echo",
+               worker_env: list[dict[str, str]] | None = None) -> ServerSystem:
     port = _port()
     server = cluster.spawn("nats-server", ["-m", "bench.mq", "nats-server", "--port", str(port)])
     server.wait_for("Server is ready", timeout=timeout)
     url = f"nats://127.0.0.1:{port}"
-    procs = [cluster.spawn(f"nats worker {i}", ["-m", "bench.mq", "nats-worker", "--url", url]) for i in range(workers)]
+    procs = [cluster.spawn(f"nats worker {i}", ["-m", "bench.mq", "nats-worker", "--url", url, "--mode", mode],
+                           worker_env[i] if worker_env else None) for i in range(workers)]
     for p in procs:
         p.wait_for("nats worker ready", timeout=timeout)
     return ServerSystem(url, server, procs)
 
 
-def start_rabbitmq(cluster: Cluster, workers: int = 2, capacity: int = 50, timeout: float = 90.0) -> ServerSystem:
+def start_rabbitmq(cluster: Cluster, workers: int = 2, capacity: int = 50, timeout: float = 90.0, mode: str = "echo",
+                   worker_env: list[dict[str, str]] | None = None) -> ServerSystem:
     base = Path(tempfile.mkdtemp(prefix="zrouter-bench-rabbitmq-"))
     port, epmd = _port(), _port()
     server = cluster.spawn("rabbitmq-server", ["-m", "bench.mq", "rabbitmq-server", "--port", str(port),
@@ -149,7 +154,8 @@ def start_rabbitmq(cluster: Cluster, workers: int = 2, capacity: int = 50, timeo
     server.wait_for("Server startup complete", timeout=timeout, stdout=True)
     url = f"amqp://guest:guest@127.0.0.1:{port}/"
     procs = [cluster.spawn(f"rabbitmq worker {i}", ["-m", "bench.mq", "rabbitmq-worker", "--url", url,
-                                                   "--prefetch", str(capacity)]) for i in range(workers)]
+                                                   "--prefetch", str(capacity), "--mode", mode],
+                           worker_env[i] if worker_env else None) for i in range(workers)]
     for p in procs:
         p.wait_for("rabbitmq worker ready", timeout=timeout)
     return ServerSystem(url, server, procs)
@@ -158,21 +164,55 @@ def start_rabbitmq(cluster: Cluster, workers: int = 2, capacity: int = 50, timeo
 # -- workers ----------------------------------------------------------------------------------
 
 
-async def nats_worker(url: str) -> None:
+class Handler:
+    """What a worker does with a request: ``echo`` returns the payload at once; ``attempt`` and
+    ``serial`` are bench/handlers.py's (``BENCH_SERVICE_MS``, ``BENCH_ROLE``): requests sleep in
+    parallel, or queue behind a virtual single server; both answer JSON naming the worker and
+    the attempt (1 for a RabbitMQ redelivery: a request the broker requeued)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.service_s = float(os.environ.get("BENCH_SERVICE_MS", "1")) / 1000.0
+        self.who = f"{os.environ.get('BENCH_ROLE', 'worker')}:{os.getpid()}"
+        self.free_at = 0.0
+
+    async def __call__(self, body: bytes, redelivered: bool = False) -> bytes:
+        if self.mode == "echo":
+            return body
+        now = asyncio.get_running_loop().time()
+        if self.mode == "serial":
+            self.free_at = max(now, self.free_at) + self.service_s
+            await asyncio.sleep(self.free_at - now)
+        else:
+            await asyncio.sleep(self.service_s)
+        return json.dumps({"worker": self.who, "attempt": 1 if redelivered else 0}).encode()
+
+
+async def nats_worker(url: str, mode: str) -> None:
     import nats
 
     nc = await nats.connect(url)
+    handle = Handler(mode)
+    tasks: set[asyncio.Task[None]] = set()
 
-    async def echo(msg: Any) -> None:
-        await msg.respond(msg.data)
+    async def serve(msg: Any) -> None:
+        await msg.respond(await handle(msg.data))
 
-    await nc.subscribe(SUBJECT, queue=SUBJECT, cb=echo)
+    async def on_msg(msg: Any) -> None:
+        if mode == "echo":
+            await msg.respond(msg.data)
+            return
+        task = asyncio.create_task(serve(msg))  # requests in parallel, as a zrouter worker's credits
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    await nc.subscribe(SUBJECT, queue=SUBJECT, cb=on_msg)
     await nc.flush()
     _say("nats worker ready")
     await asyncio.Event().wait()
 
 
-async def rabbitmq_worker(url: str, prefetch: int) -> None:
+async def rabbitmq_worker(url: str, prefetch: int, mode: str) -> None:
     import aio_pika
 
     conn = await aio_pika.connect(url)
@@ -181,13 +221,24 @@ async def rabbitmq_worker(url: str, prefetch: int) -> None:
     queue = await channel.declare_queue(SUBJECT, auto_delete=False)
     exchange = channel.default_exchange
     message_cls = aio_pika.Message
+    handle = Handler(mode)
+    tasks: set[asyncio.Task[None]] = set()
 
-    async def echo(msg: Any) -> None:
-        await exchange.publish(message_cls(msg.body, correlation_id=msg.correlation_id), routing_key=msg.reply_to,
+    async def serve(msg: Any) -> None:
+        body = await handle(msg.body, msg.redelivered)
+        await exchange.publish(message_cls(body, correlation_id=msg.correlation_id), routing_key=msg.reply_to,
                                mandatory=False)
         await msg.ack()
 
-    await queue.consume(echo)
+    async def on_msg(msg: Any) -> None:
+        if mode == "echo":
+            await serve(msg)
+            return
+        task = asyncio.create_task(serve(msg))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    await queue.consume(on_msg)
     _say("rabbitmq worker ready")
     await asyncio.Event().wait()
 
@@ -245,8 +296,10 @@ class _RpcClient:
     def __init__(self) -> None:
         self.waiting: dict[str, asyncio.Future[bytes]] = {}
         self.next_id = 0
+        self.timeout = 30.0
 
-    async def open(self, url: str) -> None:
+    async def open(self, url: str, timeout: float = 30.0) -> None:
+        self.timeout = timeout
         import aio_pika
 
         self.message_cls = aio_pika.Message
@@ -268,7 +321,10 @@ class _RpcClient:
         self.waiting[cid] = fut
         await self.exchange.publish(self.message_cls(payload, correlation_id=cid, reply_to=REPLY_TO),
                                     routing_key=SUBJECT, mandatory=False)
-        return await asyncio.wait_for(fut, 30.0)
+        try:
+            return await asyncio.wait_for(fut, self.timeout)
+        finally:
+            self.waiting.pop(cid, None)
 
 
 async def _rabbitmq_pipe(url: str, payload: bytes, inflight: int, counter: Any) -> dict[str, Any]:
@@ -313,6 +369,77 @@ def rabbitmq_sync(url: str, payload: bytes, warmup: int, count: int) -> list[flo
     return asyncio.run(_rabbitmq_sync(url, payload, warmup, count))
 
 
+async def open_loop(system: str, url: str, rate: float, duration: float, warmup: int, seed: int, timeout: float,
+                    kill_pid: int = 0, kill_at: float = 0.0) -> dict[str, Any]:
+    """bench.loadgen's open mode for NATS or RabbitMQ: Poisson arrivals at ``rate`` for
+    ``duration`` s, one record per request ``[sent at, latency, status, attempt, worker]``
+    (status "ok" or the exception's name, e.g. a timeout), a SIGKILL of ``kill_pid`` at
+    ``kill_at`` s; the same output, so bench.failover and bench.policy_quality analyse it."""
+    import random
+    import signal
+
+    rng = random.Random(seed)
+    loop = asyncio.get_running_loop()
+    if system == "nats":
+        import nats
+
+        nc = await nats.connect(url)
+
+        async def call(payload: bytes) -> bytes:
+            msg = await nc.request(SUBJECT, payload, timeout=timeout)
+            reply: bytes = msg.data
+            return reply
+
+        async def close() -> None:
+            await nc.close()
+    else:
+        rpc = _RpcClient()
+        await rpc.open(url, timeout)
+        call = rpc.call
+
+        async def close() -> None:
+            await rpc.conn.close()
+
+    for _ in range(warmup):
+        await call(b"{}")
+    records: list[list[Any]] = []
+    workers: dict[str, int] = {}
+    kill_time: list[float] = []
+    t0 = loop.time()
+
+    async def one(i: int, t_send: float) -> None:
+        status, attempt, worker = "ok", -1, -1
+        try:
+            reply = json.loads(await call(json.dumps({"i": i}).encode()))
+            attempt = int(reply["attempt"])
+            worker = workers.setdefault(str(reply["worker"]), len(workers))
+        except Exception as exc:  # a timeout: the request is lost
+            status = type(exc).__name__
+        records.append([round(t_send - t0, 6), round(loop.time() - t_send, 6), status, attempt, worker])
+
+    if kill_pid:
+        def kill() -> None:
+            kill_time.append(loop.time() - t0)
+            os.kill(kill_pid, signal.SIGKILL)
+
+        loop.call_at(t0 + kill_at, kill)
+    tasks = []
+    next_t, i, end = t0, 0, t0 + duration
+    while next_t < end:
+        now = loop.time()
+        if now < next_t:
+            await asyncio.sleep(next_t - now)
+        now = loop.time()
+        while next_t <= now and next_t < end:
+            tasks.append(asyncio.create_task(one(i, loop.time())))
+            i += 1
+            next_t += rng.expovariate(rate)
+    await asyncio.gather(*tasks)
+    await close()
+    return {"records": sorted(records), "sent": i, "elapsed": loop.time() - t0,
+            "kill_at": kill_time[0] if kill_time else None, "workers": sorted(workers, key=workers.__getitem__)}
+
+
 def start_all(cluster: Cluster, workers: int, capacity: int) -> dict[str, ServerSystem]:
     """NATS and RabbitMQ when installed (``make bench`` installs both), else a progress note."""
     out: dict[str, ServerSystem] = {}
@@ -337,9 +464,11 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--dir", type=Path, required=True)
     s = sub.add_parser("nats-worker")
     s.add_argument("--url", required=True)
+    s.add_argument("--mode", choices=["echo", "attempt", "serial"], default="echo")
     s = sub.add_parser("rabbitmq-worker")
     s.add_argument("--url", required=True)
     s.add_argument("--prefetch", type=int, default=50)
+    s.add_argument("--mode", choices=["echo", "attempt", "serial"], default="echo")
     args = p.parse_args(argv)
     try:
         if args.what == "nats-server":
@@ -347,9 +476,9 @@ def main(argv: list[str] | None = None) -> None:
         elif args.what == "rabbitmq-server":
             exec_rabbitmq(args.port, args.dir)
         elif args.what == "nats-worker":
-            asyncio.run(nats_worker(args.url))
+            asyncio.run(nats_worker(args.url, args.mode))
         else:
-            asyncio.run(rabbitmq_worker(args.url, args.prefetch))
+            asyncio.run(rabbitmq_worker(args.url, args.prefetch, args.mode))
     except KeyboardInterrupt:
         pass
 
