@@ -38,7 +38,7 @@ def run(cfg: Settings) -> dict[str, Any]:
     warmup, duration = cfg.pick((0.3, 2.0), (0.2, 0.8))
     out: dict[str, Any] = {"sizes": list(SIZES), "inflight": INFLIGHT}
     with Cluster() as cluster:
-        systems = start_systems(cluster, workers=2, capacity=CAPACITY)
+        systems = start_systems(cluster, workers=2, capacity=CAPACITY, others=False)
         systems["pyfwd"] = start_python_forwarder(cluster, copy=False)
         systems["pyfwd-copy"] = start_python_forwarder(cluster, copy=True)
         for size in SIZES:

@@ -204,11 +204,12 @@ ZROUTER_WORKER_ARGS: list[str] = ["--inline"]
 System = Any  # ZrouterSystem | PeerSystem: both have .endpoint, .broker and .workers
 
 
-def start_systems(cluster: Cluster, workers: int = 2, capacity: int = 50) -> dict[str, System]:
+def start_systems(cluster: Cluster, workers: int = 2, capacity: int = 50, others: bool = True) -> dict[str, System]:
     """Every system side by side (idle ones cost nothing measurable), each with ``workers`` echo
     workers: zrouter on its compiled path and on its pure-Python one (ZROUTER_PURE=1 in every
     process), zmq.proxy, majortomo, NATS and RabbitMQ (bench/mq.py). zrouter's workers get
-    ``capacity`` credits each, RabbitMQ's a prefetch of as many. Those not installed are left out."""
+    ``capacity`` credits each, RabbitMQ's a prefetch of as many. Those not installed are left out.
+    ``others`` False: zrouter (compiled), zmq.proxy and majortomo only (the payload section)."""
     from bench.mq import start_all
     from zrouter import _speedups
 
@@ -219,14 +220,16 @@ def start_systems(cluster: Cluster, workers: int = 2, capacity: int = 50) -> dic
     systems: dict[str, System] = {
         "zrouter": start_zrouter(cluster, workers, capacity=capacity, worker_args=ZROUTER_WORKER_ARGS),
     }
-    systems["zrouter-pure"] = start_zrouter(cluster, workers, capacity=capacity, worker_args=ZROUTER_WORKER_ARGS,
-                                            env={_speedups.PURE_ENV: "1"})
+    if others:
+        systems["zrouter-pure"] = start_zrouter(cluster, workers, capacity=capacity, worker_args=ZROUTER_WORKER_ARGS,
+                                                env={_speedups.PURE_ENV: "1"})
     systems["proxy"] = start_proxy(cluster, workers)
     if majortomo_available():
         systems["majortomo"] = start_majortomo(cluster, workers)
     else:
         progress("majortomo is not installed (pip install -e '.[bench]'): left out")
-    systems.update(start_all(cluster, workers, capacity))
+    if others:
+        systems.update(start_all(cluster, workers, capacity))
     return systems
 
 
