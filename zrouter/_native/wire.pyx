@@ -231,7 +231,8 @@ cdef int _send_one(void *h, object sock, object frame, int flags) except -1:
         zr.msg_copy(&msg, &(<Part>frame).msg)  # shares a long message's data: no copy
     elif type(frame) is bytes and PyBytes_GET_SIZE(frame) < COPY_BELOW:
         n = PyBytes_GET_SIZE(frame)
-        zr.msg_init_size(&msg, n)
+        if zr.msg_init_size(&msg, n) != 0:
+            raise MemoryError()
         memcpy(zr.msg_data(&msg), PyBytes_AS_STRING(frame), n)
     else:
         PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE)
@@ -243,7 +244,8 @@ cdef int _send_one(void *h, object sock, object frame, int flags) except -1:
                 except _ZMQError as exc:
                     return exc.errno
                 return 0
-            zr.msg_init_size(&msg, n)
+            if zr.msg_init_size(&msg, n) != 0:
+                raise MemoryError()
             memcpy(zr.msg_data(&msg), view.buf, n)
         finally:
             PyBuffer_Release(&view)
