@@ -1,10 +1,13 @@
 """The worker's I/O thread: one zmq poll loop over every broker DEALER and a wake-up socket
 pair; it alone touches those sockets.
 
-Requests go from here to a handler runner (``_handlers``) as jobs; replies come back through
-:meth:`Engine.post` (a deque, plus a wake-up byte unless one is on its way) tagged with a ticket
-that maps to (connection, generation). Other threads talk to the loop only through ``post``,
-:meth:`Engine.request_stop` and :meth:`Engine.set_brokers` (a field set under a lock, a byte).
+Each REQUEST read becomes a :class:`~worker._handlers.Job` and goes to :meth:`Engine._accept`,
+the one step the inline engine (``_inline``) does differently: here it goes to a handler runner
+(``_handlers``), or waits in the backlog while ``capacity`` jobs run. Replies come back through
+:meth:`Engine.post` (a deque, plus a wake-up byte unless one is on its way) with their job, which
+names the connection and generation to answer on. Other threads talk to the loop only through
+``post``, :meth:`Engine.request_stop` and :meth:`Engine.set_brokers` (a field set under a lock,
+a byte).
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from zrouter.protocol import (
     REQUEST,
     SIGNATURE,
     STATUS_BAD_REQUEST,
-    STATUS_TIMEOUT,
     decode_header,
     encode_disconnect,
     encode_drain,
@@ -36,10 +38,10 @@ from zrouter.protocol import (
     encode_reply,
     encode_update,
 )
-from zrouter.transport import NOBLOCK, recv_frames
+from zrouter.transport import NOBLOCK
 
 from ._connection import ACTIVE, BACKOFF, DRAINING, BrokerConnection, split_capacity
-from ._handlers import Job, Reply, Runner
+from ._handlers import Answer, Job, Runner, timeout_reply
 
 __all__ = ["Engine"]
 
@@ -49,8 +51,9 @@ _BATCH: Final = 256  # messages taken from one socket per poll wake-up
 _DISCONNECT_LINGER_MS: Final = 1000  # how long a closing socket may spend flushing DISCONNECT
 _EMPTY: Final = b""
 _DRAIN_FRAMES: Final = (SIGNATURE, encode_drain())
+_new_job: Final = tuple.__new__  # Job(...) would cost a Python-level __new__ per request
 
-RunnerFactory = Callable[[Callable[[Reply], None]], Runner]  # given Engine.post
+RunnerFactory = Callable[[Callable[[Answer], None]], Runner]  # given Engine.post
 
 
 class Engine:
@@ -92,19 +95,17 @@ class Engine:
 
         # I/O thread state.
         self.conns = [BrokerConnection(ep, i) for i, ep in enumerate(brokers)]
-        self.pending: dict[int, tuple[BrokerConnection, int]] = {}  # ticket -> (conn, generation)
         self.backlog: deque[Job] = deque()  # over the local limit: the broker overfilled us
         self.running = 0  # jobs handed to the runner and not yet answered
         self.stopping = False
         self.stop_deadline = math.inf
-        self._next_ticket = 0
         self._dirty = True  # re-run the timers on the next turn of the loop
         self._finished = False
         self._ctx: zmq.Context[Any] | None = None
         self._poller = zmq.Poller()
         self._by_sock: dict[zmq.Socket[Any], BrokerConnection] = {}
         self._submit: Callable[[Job], None] = lambda job: None
-        self._replies: deque[Reply] = deque()  # from the runner's threads (post)
+        self._replies: deque[Answer] = deque()  # from the runner's threads (post)
         self._reply_woken = False  # a wake-up byte for the replies is on its way
 
     # -- any thread --------------------------------------------------------------------------
@@ -122,7 +123,7 @@ class Engine:
             self._control = True
         self._wake()
 
-    def post(self, reply: Reply) -> None:
+    def post(self, reply: Answer) -> None:
         """A handler's reply, from any thread: queued for the loop, woken if not already due."""
         self._replies.append(reply)
         if not self._reply_woken:  # two threads may both write: a spare wake-up is harmless
@@ -211,17 +212,28 @@ class Engine:
         return now
 
     def _on_broker(self, conn: BrokerConnection, sock: zmq.Socket[Any], now: float) -> None:
+        """Read up to a batch of messages from one broker: REQUESTs go to :meth:`_accept`."""
+        recv = sock.recv
+        accept = self._accept
         for _ in range(_BATCH):
             try:
-                frames = recv_frames(sock, NOBLOCK)
+                first = recv(NOBLOCK, copy=False)
             except zmq.Again:
                 return
             conn.last_recv = now
-            if len(frames) < 2 or frames[0].bytes != SIGNATURE:
+            header_frame = payload = None
+            if first.more:
+                header_frame = recv(0, copy=False)
+                if header_frame.more:
+                    payload = recv(0, copy=False)
+                    extra = payload
+                    while extra.more:  # tolerated: later versions may append frames
+                        extra = recv(0, copy=False)
+            if header_frame is None or first.bytes != SIGNATURE:
                 log.warning("broker %s sent a message without the zrouter signature", conn.endpoint)
                 continue
             try:
-                header = decode_header(frames[1].buffer)
+                header = decode_header(header_frame.buffer)
             except ProtocolError as exc:
                 log.warning("broker %s sent a bad header: %s", conn.endpoint, exc)
                 continue
@@ -229,7 +241,14 @@ class Engine:
             if cmd == REQUEST:
                 if not conn.confirmed:
                     self._confirm(conn, now)
-                self._on_request(conn, header, frames[2] if len(frames) > 2 else None, now)
+                try:
+                    job = _new_job(Job, (conn, conn.generation, header[1], header[2], header[4],
+                                         now + header[3] * 0.001, header[5], payload))  # fmt: skip
+                except (IndexError, TypeError):
+                    self._reject(conn, header, now)
+                    continue
+                conn.owed += 1
+                accept(job)
             elif self._on_command(conn, cmd, now):
                 return
 
@@ -258,17 +277,8 @@ class Engine:
             bad = encode_reply(header[1], STATUS_BAD_REQUEST, 0, "malformed REQUEST header")
             conn.send((SIGNATURE, bad, _EMPTY), now)
 
-    def _on_request(self, conn: BrokerConnection, header: list[Any], payload: Any, now: float) -> None:
-        try:
-            job: Job = (self._next_ticket, header[1], header[2], header[4], now + header[3] * 0.001,
-                        header[5], payload)  # fmt: skip
-        except (IndexError, TypeError):
-            self._reject(conn, header, now)
-            return
-        ticket = self._next_ticket
-        self._next_ticket = ticket + 1
-        self.pending[ticket] = (conn, conn.generation)
-        conn.owed += 1
+    def _accept(self, job: Job) -> None:
+        """Run a request read from a broker: on the runner, or in the backlog while it is full."""
         if self.running < self.capacity:
             self.running += 1
             self._submit(job)
@@ -276,23 +286,12 @@ class Engine:
             self.backlog.append(job)
 
     def _on_replies(self, now: float) -> None:
-        pending = self.pending
         replies = self._replies
         pop = replies.popleft
         while replies:  # at most capacity of them
-            ticket, header, payload = pop()
+            job, header, payload = pop()
             self.running -= 1
-            entry = pending.pop(ticket, None)
-            if entry is None:
-                continue
-            conn, generation = entry
-            if conn.generation == generation and conn.sock is not None:
-                conn.reply(header, payload, now)
-                conn.owed -= 1
-                if conn.state == DRAINING and conn.owed == 0:
-                    self._dirty = True
-            else:
-                log.debug("dropping a reply owed to an earlier connection to %s", conn.endpoint)
+            self._reply(job, header, payload, now)
         if self.backlog:
             self._pump_backlog(now)
 
@@ -300,20 +299,33 @@ class Engine:
         backlog = self.backlog
         while backlog and self.running < self.capacity:
             job = backlog.popleft()
-            conn, generation = self.pending[job[0]]
-            if conn.generation != generation or conn.sock is None:
-                del self.pending[job[0]]
-                log.debug("dropping a queued request of an earlier connection to %s", conn.endpoint)
-            elif now >= job[4]:
-                del self.pending[job[0]]
-                conn.owed -= 1
-                late = encode_reply(job[1], STATUS_TIMEOUT, 0, "deadline passed while queued in the worker")
-                conn.send((SIGNATURE, late, _EMPTY), now)
-                if conn.state == DRAINING and conn.owed == 0:
-                    self._dirty = True
-            else:
+            if self._runnable(job, now):
                 self.running += 1
                 self._submit(job)
+
+    def _runnable(self, job: Job, now: float) -> bool:
+        """Whether a job that waited in the worker may still run: not when its connection was
+        replaced meanwhile (dropped) or its deadline passed (answered TIMEOUT)."""
+        conn = job.conn
+        if conn.generation != job.generation or conn.sock is None:
+            log.debug("dropping a queued request of an earlier connection to %s", conn.endpoint)
+            return False
+        if now >= job.deadline:
+            header, payload = timeout_reply(job.rid)
+            self._reply(job, header, payload, now)
+            return False
+        return True
+
+    def _reply(self, job: Job, header: bytes, payload: Any, now: float) -> None:
+        """Send a job's reply on the connection it came from, unless that was replaced since."""
+        conn = job.conn
+        if conn.generation != job.generation or conn.sock is None:
+            log.debug("dropping a reply owed to an earlier connection to %s", conn.endpoint)
+            return
+        conn.reply(header, payload, now)
+        conn.owed -= 1
+        if conn.state == DRAINING and conn.owed == 0:
+            self._dirty = True
 
     def _on_wake(self, now: float) -> None:
         try:

@@ -19,7 +19,7 @@ from zrouter.consul import consul_address
 from ._context import current_request
 from ._consul_link import BrokerFollower, ConsulRegistration
 from ._engine import Engine
-from ._handlers import AsyncRunner, Reply, Runner, SyncPool
+from ._handlers import Answer, AsyncRunner, Runner, SyncPool
 from ._inline import InlineEngine
 from ._registration import RegistrationTicker
 
@@ -204,7 +204,7 @@ class Worker:
     def running(self) -> bool:
         return self._state == _RUNNING
 
-    def _make_runner(self, post: Callable[[Reply], None]) -> Runner:
+    def _make_runner(self, post: Callable[[Answer], None]) -> Runner:
         name = f"zrouter-worker-{self.service}"
         if self.is_async:
             return AsyncRunner(post, self.instance_id, self.handler, name)
