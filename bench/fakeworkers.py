@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         (now + interval * (i + 1) / args.count, alias) for i, alias in enumerate(aliases)
     )
     heartbeat = protocol.encode_heartbeat()
-    request, disconnect = protocol.REQUEST, protocol.DISCONNECT
-    decode = protocol.decode_header
+    decode = protocol.decode_broker_message
     reply_ok = protocol.encode_reply
     ok, msgpack_flag = protocol.STATUS_OK, protocol.FLAG_MSGPACK
     poller = zmq.Poller()
@@ -89,12 +88,11 @@ def main(argv: list[str] | None = None) -> None:
             except zmq.Again:
                 break
             alias = frames[0].bytes
-            header = decode(frames[2].buffer)
-            cmd = header[0]
-            if cmd == request:
+            msg = decode(frames[2].buffer)
+            if type(msg) is protocol.Request:
                 payload = frames[3] if len(frames) > 3 else b""
-                send_frames(sock, [alias, sig, reply_ok(header[1], ok, header[5] & msgpack_flag), payload])
-            elif cmd == disconnect:
+                send_frames(sock, [alias, sig, reply_ok(msg.rid, ok, msg.flags & msgpack_flag), payload])
+            elif type(msg) is protocol.Disconnect:
                 send_frames(sock, [alias, sig, readies[alias]])
 
 

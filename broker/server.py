@@ -28,7 +28,6 @@ from zrouter.broker.router import Router
 if TYPE_CHECKING:
     from zrouter.broker.consul_link import ConsulLink
 from zrouter import protocol
-from zrouter.errors import ProtocolError
 from zrouter.transport import NOBLOCK, SNDMORE, recv_frames
 
 __all__ = ["Broker", "BrokerConfig"]
@@ -296,54 +295,52 @@ class Broker:
                 return False
             try:
                 self._on_worker_message(frames, now)
-            except (ProtocolError, IndexError, TypeError, ValueError) as exc:
+            except protocol.BadMessage as exc:
                 log.warning("bad message from worker %s: %s", frames[0].bytes.hex(), exc)
         return True
 
     def _on_worker_message(self, frames: list[zmq.Frame], now: float) -> None:
         router = self.router
         ident = frames[0].bytes
-        if len(frames) < 3 or frames[1].bytes != _SIG:
-            raise ProtocolError("expected [signature, header, ...] with signature ZRT1")
         w = router.workers.get(ident)
         if w is not None:
             w.last_seen = now
-        if len(frames) == 3 and frames[2].bytes == _HEARTBEAT_HEADER:
+        if len(frames) == 3 and frames[2].bytes == _HEARTBEAT_HEADER and frames[1].bytes == _SIG:
             if w is None:  # skip msgpack for the most common message of an idle broker
                 self._disconnect(ident, "heartbeat from an unknown worker")
             return
-        header = _unpackb(frames[2].buffer)
-        cmd = header[0]
-        if cmd == _REPLY:
+        protocol.check_frames(frames, 1)
+        msg = protocol.decode_worker_message(frames[2].buffer)
+        protocol.check_payload_count(msg, frames, 1)
+        kind = type(msg)
+        if kind is protocol.Reply:
             if w is None:
                 self._disconnect(ident, "reply from an unknown worker")
                 return
-            if len(frames) != 4:
-                raise ProtocolError("REPLY needs a payload frame")
-            router.worker_reply(w, header[1], header[2], header[3], header[4], header[5], frames[3], now)
-        elif cmd == _HEARTBEAT:
+            r: protocol.Reply = msg  # type: ignore[assignment]
+            router.worker_reply(w, r.rid, r.status, r.flags, r.message, r.error_type, frames[3], now)
+        elif kind is protocol.Heartbeat:
             if w is None:
                 self._disconnect(ident, "heartbeat from an unknown worker")
-        elif cmd == _READY:
-            ready = protocol.parse_ready(header)
+        elif kind is protocol.Ready:
             # Events queued before this connection's first message belong to older connections
             # (maybe on this same fd number): handle them first so they cannot hit this worker.
             self._drain_monitor(now)
             fd = frames[0].get(_SRCFD)
-            router.worker_ready(ident, ready, now, fd)
+            router.worker_ready(ident, msg, now, fd)  # type: ignore[arg-type]
             self._fd_worker[fd] = ident
         elif w is None:
-            self._disconnect(ident, f"command {cmd} from an unknown worker")
-        elif cmd == _DRAIN:
+            self._disconnect(ident, f"{kind.__name__.upper()} from an unknown worker")
+        elif kind is protocol.Drain:
             router.worker_drain(w, now)
-        elif cmd == _DISCONNECT:
-            router.remove_worker(w, f"said goodbye ({header[1] if len(header) > 1 else ''})", now)
+        elif kind is protocol.Disconnect:
+            reason = msg.reason or ""  # type: ignore[union-attr]
+            router.remove_worker(w, f"said goodbye ({reason[:80]})", now)
             if self._fd_worker.get(w.fd) == ident:
                 del self._fd_worker[w.fd]
-        elif cmd == _UPDATE:
-            router.worker_update(w, int(header[1]), int(header[2]), now)
-        else:
-            raise ProtocolError(f"unknown command {cmd}")
+        elif kind is protocol.Update:
+            u: protocol.Update = msg  # type: ignore[assignment]
+            router.worker_update(w, u.capacity, u.weight, now)
 
     def _disconnect(self, ident: bytes, why: str) -> None:
         log.info("asking worker %s to reconnect: %s", ident.hex(), why)
@@ -353,6 +350,7 @@ class Broker:
         front = self.front
         request = self.router.request
         max_size = self.config.max_message_size
+        decode = protocol.decode_request
         for _ in range(BATCH):
             try:
                 frames = recv_frames(front, NOBLOCK)
@@ -360,35 +358,25 @@ class Broker:
                 return
             try:
                 if len(frames) != 4 or frames[1].bytes != _SIG:
-                    raise ProtocolError("expected [signature ZRT1, header, payload]")
-                header = _unpackb(frames[2].buffer)
-                _, rid, service, timeout_ms, attempt, flags, key = header[:7]
-                if (header[0] != _REQUEST or type(rid) is not int or type(service) is not str
-                        or type(timeout_ms) is not int or timeout_ms <= 0 or type(flags) is not int
-                        or type(attempt) is not int):
-                    protocol.parse_request(header)  # raises the precise ProtocolError
-                    raise ProtocolError(f"expected a REQUEST, got command {header[0]}")
+                    protocol.check_frames(frames, 1)  # raises the precise BadMessage...
+                    protocol.check_payload_count(decode(frames[2].buffer), frames, 1)  # ...with the rid
+                req = decode(frames[2].buffer)
                 payload = frames[3]
                 if len(payload) > max_size:
                     self.router.stats.bad += 1
-                    self.router.answer(frames[0].bytes, rid, protocol.STATUS_TOO_LARGE,
-                                        f"payload of {len(payload)} bytes is over the limit of {max_size}")
+                    self.router.answer(frames[0].bytes, req.rid, protocol.STATUS_TOO_LARGE,
+                                       f"payload of {len(payload)} bytes is over the limit of {max_size}")
                     continue
-                if type(key) is str:
+                key = req.key
+                if isinstance(key, str):
                     key = key.encode()
-                request(frames[0].bytes, rid, service, timeout_ms, attempt, flags, key, payload, now)
-            except (ProtocolError, ValueError, TypeError, IndexError) as exc:
+                request(frames[0].bytes, req.rid, req.service, req.timeout_ms, req.attempt, req.flags, key,
+                        payload, now)
+            except protocol.BadMessage as exc:
                 self._bad_request(frames, exc)  # malformed input: answer it, keep serving
 
-    def _bad_request(self, frames: list[zmq.Frame], exc: Exception) -> None:
+    def _bad_request(self, frames: list[zmq.Frame], exc: protocol.BadMessage) -> None:
         self.router.stats.bad += 1
         client = frames[0].bytes
-        rid = 0
-        try:
-            header = _unpackb(frames[2].buffer)
-            if type(header[1]) is int:
-                rid = header[1]
-        except Exception:
-            pass
         log.warning("bad request from client %s: %s", client.hex(), exc)
-        self.router.answer(client, rid, protocol.STATUS_BAD_REQUEST, f"bad request: {exc}")
+        self.router.answer(client, exc.rid, protocol.STATUS_BAD_REQUEST, f"bad request: {exc}")

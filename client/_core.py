@@ -29,15 +29,15 @@ from zrouter.client._brokers import BrokerConn, BrokerSet, SocketFactory
 from zrouter.errors import ClientClosed, MessageTooLarge, ProtocolError, RequestTimeout, WorkerLost
 from zrouter.protocol import (
     FLAG_IDEMPOTENT,
-    REPLY,
     SIGNATURE,
     STATUS_OK,
-    decode_header,
+    BadMessage,
+    check_frames,
     decode_payload,
     encode_payload,
     encode_request,
     error_for_status,
-    parse_reply,
+    decode_reply,
 )
 from zrouter.transport import NOBLOCK, recv_frames, send_frames
 
@@ -302,29 +302,30 @@ class ClientCore:
 
     def handle_reply(self, frames: Sequence[zmq.Frame]) -> None:
         """Settle the entry a reply is for; drop what cannot be matched to a request."""
-        if len(frames) < 2 or frames[0].bytes != SIGNATURE:
-            log.warning("dropping a message that is not a zrouter reply (%d frames)", len(frames))
-            return
         try:
-            header = decode_header(frames[1].bytes)
-        except ProtocolError as exc:
-            log.warning("dropping a reply with an undecodable header: %s", exc)
+            check_frames(frames, 0)
+            reply = decode_reply(frames[1].buffer)
+        except BadMessage as exc:
+            if exc.kind == "field" and exc.rid in self.pending:
+                # That request's reply is broken: fail it with the public error type.
+                self._finish(self.pending[exc.rid], None, ProtocolError(f"malformed reply: {exc}"))
+            else:
+                log.warning("dropping a message that is not a valid REPLY: %s", exc)
             return
-        rid = header[1] if len(header) > 1 else None
-        if header[0] != REPLY or type(rid) is not int:
-            log.warning("dropping a message that is not a REPLY: header %.80r", header)
-            return
-        entry = self.pending.pop(rid, None)
+        entry = self.pending.pop(reply.rid, None)
         if entry is None:
-            # Normal after a local timeout, a cancel or a re-send answered twice.
-            log.debug("dropping reply for unknown request id %d (late or duplicate)", rid)
+            if reply.rid == 0:
+                # The broker could not read some request of ours (docs/protocol.md: rid 0).
+                log.warning("the broker refused a request it could not read: %s", reply.message)
+            else:
+                # Normal after a local timeout, a cancel or a re-send answered twice.
+                log.debug("dropping reply for unknown request id %d (late or duplicate)", reply.rid)
             return
         conn = entry.conn
         if conn is not None:
             entry.conn = None
             self._brokers.release(conn)
         try:
-            reply = parse_reply(header)
             if reply.status != STATUS_OK:
                 entry._settle(None, error_for_status(reply.status, reply.message, reply.error_type))
                 return

@@ -39,8 +39,8 @@ from zrouter.protocol import (
     encode_heartbeat,
     encode_payload,
     encode_request,
-    parse_ready,
-    parse_reply,
+    check_ready,
+    check_reply,
 )
 from zrouter.transport import free_tcp_endpoint, recv_frames, send_frames
 
@@ -117,7 +117,7 @@ class Msg:
 
     def reply(self) -> tuple[int, int, str | None, str | None, Any]:
         """(rid, status, message, error_type, decoded payload) of a REPLY."""
-        r = parse_reply(self.header)
+        r = check_reply(self.header)
         return r.rid, r.status, r.message, r.error_type, decode_payload(r.flags, self.payload or b"")
 
 
@@ -238,7 +238,7 @@ class ScriptedBackend:
             value = None
             for m in self.log:
                 if m.cmd == READY:
-                    value = parse_ready(m.header).capacity
+                    value = check_ready(m.header).capacity
                 elif m.cmd == UPDATE:
                     value = m.header[1]
                 elif m.cmd == DISCONNECT:
@@ -309,7 +309,7 @@ class ScriptedFrontend:
 
     def _handle(self, sock: zmq.Socket[Any], msg: list[bytes], later: list[Any]) -> None:
         ident, _sig, header, body = msg
-        req = p.parse_request(p.decode_header(header))
+        req = p.check_request(p.decode_header(header))
         with self._cond:
             self.requests.append(req)
             self._cond.notify_all()

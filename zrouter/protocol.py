@@ -12,8 +12,8 @@ Receivers ignore elements past the ones listed here, so later versions may appen
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Final, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, Final, NamedTuple, TypeAlias
 
 import msgpack
 
@@ -30,14 +30,41 @@ from zrouter.errors import (
 )
 
 __all__ = [
+    "BadMessage",
+    "BrokerMessage",
+    "Buffer",
     "DISCONNECT",
     "DRAIN",
+    "DRAIN_MSG",
+    "Disconnect",
+    "Drain",
     "FLAG_IDEMPOTENT",
     "FLAG_MSGPACK",
     "HEARTBEAT",
+    "HEARTBEAT_MSG",
+    "HEARTBEAT_MS_MAX",
+    "HEARTBEAT_MS_MIN",
+    "Heartbeat",
+    "MAX_ATTEMPT",
+    "MAX_CAPACITY",
+    "MAX_FLAGS",
+    "MAX_HEADER_SIZE",
+    "MAX_KEY_LEN",
+    "MAX_META_ENTRIES",
+    "MAX_META_KEY_LEN",
+    "MAX_META_VALUE_LEN",
+    "MAX_RID",
+    "MAX_SERVICE_LEN",
+    "MAX_STATUS",
+    "MAX_TEXT_LEN",
+    "MAX_TIMEOUT_MS",
+    "MAX_WEIGHT",
     "READY",
     "REPLY",
     "REQUEST",
+    "Ready",
+    "Reply",
+    "Request",
     "SIGNATURE",
     "STATUS_BAD_REQUEST",
     "STATUS_FORBIDDEN",
@@ -50,11 +77,25 @@ __all__ = [
     "STATUS_UNAVAILABLE",
     "STATUS_WORKER_LOST",
     "UPDATE",
-    "Ready",
-    "Reply",
-    "Request",
+    "UnknownCommand",
+    "Update",
+    "WORKER_STATUSES",
+    "WorkerMessage",
+    "check_disconnect",
+    "check_frames",
+    "check_payload_count",
+    "check_ready",
+    "check_reply",
+    "check_request",
+    "check_update",
+    "clip_text",
+    "decode_broker_message",
     "decode_header",
     "decode_payload",
+    "decode_ready",
+    "decode_reply",
+    "decode_request",
+    "decode_worker_message",
     "encode_disconnect",
     "encode_drain",
     "encode_heartbeat",
@@ -64,9 +105,7 @@ __all__ = [
     "encode_request",
     "encode_update",
     "error_for_status",
-    "parse_ready",
-    "parse_reply",
-    "parse_request",
+    "has_payload",
 ]
 
 # Dialect + version in one frame, so a peer speaking anything else is refused before decoding.
@@ -108,8 +147,68 @@ STATUS_NAMES: Final = {
     STATUS_FORBIDDEN: "forbidden",
 }
 
+# bytes, memoryview or zmq.Frame: anything msgpack can read through the buffer protocol.
+Buffer: TypeAlias = Any
+
+# -- limits: every field a peer sends is checked against these before anything else reads it --
+# One cap for every header frame, checked on its length before msgpack sees it: with it, no
+# header can cost more than a few kB to decode, and nesting (which msgpack-python bounds at
+# 1,024 levels on its own) cannot go deep enough to matter.
+MAX_HEADER_SIZE: Final = 8192  # bytes
+MAX_RID: Final = 2**64 - 1  # rid 0 is reserved: the broker's "some request of yours was malformed"
+MAX_SERVICE_LEN: Final = 255  # bytes of UTF-8, like a DNS name
+MAX_KEY_LEN: Final = 255  # bytes (bin) or bytes of UTF-8 (str)
+MAX_TIMEOUT_MS: Final = 86_400_000  # one day: longer is a job queue's business, not an RPC's
+MAX_ATTEMPT: Final = 255
+MAX_FLAGS: Final = 2**32 - 1  # unknown bits are ignored and passed on
+MAX_STATUS: Final = 255
+MAX_TEXT_LEN: Final = 1024  # bytes of UTF-8: REPLY message and error_type, DISCONNECT reason
+MAX_CAPACITY: Final = 1_000_000  # the wire's ceiling; a broker may set a lower one (--max-capacity)
+MAX_WEIGHT: Final = 1_000_000
+MAX_META_ENTRIES: Final = 16
+MAX_META_KEY_LEN: Final = 64
+MAX_META_VALUE_LEN: Final = 256
+HEARTBEAT_MS_MIN: Final = 10  # a worker's declared interval (READY meta "heartbeat_ms")
+HEARTBEAT_MS_MAX: Final = 60_000
+
+# msgpack's own bounds, applied while decoding (the header cap above already implies them;
+# these stop a hostile length prefix before any allocation).
+_UNPACK_LIMITS: Final[dict[str, int]] = {
+    "max_str_len": MAX_HEADER_SIZE,
+    "max_bin_len": MAX_HEADER_SIZE,
+    "max_array_len": 64,
+    "max_map_len": MAX_META_ENTRIES * 2,
+    "max_ext_len": 0,
+}
+
 _packb: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
+_new_tuple: Callable[..., Any] = tuple.__new__
 _unpackb: Callable[..., Any] = msgpack.unpackb
+
+
+class BadMessage(ProtocolError):
+    """A message that breaks this protocol, as a decoder found it.
+
+    ``kind`` is a short stable label (for counters and logs): ``signature``, ``frames``,
+    ``header_size``, ``not_msgpack``, ``not_array``, ``unknown_command``, ``wrong_command`` or
+    ``field``. ``rid`` is the message's request id when one could be read (so the sender can be
+    answered about that request), else 0. The text never quotes what the peer sent: it says
+    which rule was broken, in this protocol's words.
+    """
+
+    def __init__(self, kind: str, text: str, rid: int = 0) -> None:
+        super().__init__(text)
+        self.kind = kind
+        self.rid = rid
+
+
+class UnknownCommand(BadMessage):
+    """A well-formed header whose command this version does not know (``command`` says which).
+    Receivers ignore these (docs/protocol.md): later versions may add commands."""
+
+    def __init__(self, command: int) -> None:
+        super().__init__("unknown_command", f"unknown command {command}")
+        self.command = command
 
 
 class Request(NamedTuple):
@@ -134,12 +233,50 @@ class Reply(NamedTuple):
 
 
 class Ready(NamedTuple):
-    """A READY header: [READY, service, capacity, weight, meta]."""
+    """A READY header: [READY, service, capacity, weight, meta]; ``heartbeat_ms`` is
+    ``meta["heartbeat_ms"]`` checked and parsed (None when the worker did not say)."""
 
     service: str
     capacity: int
     weight: int
     meta: dict[str, str]
+    heartbeat_ms: int | None = None
+
+
+class Update(NamedTuple):
+    """An UPDATE header: [UPDATE, capacity, weight]."""
+
+    capacity: int
+    weight: int
+
+
+class Disconnect(NamedTuple):
+    """A DISCONNECT header: [DISCONNECT, reason]."""
+
+    reason: str | None
+
+
+class Heartbeat(NamedTuple):
+    """A HEARTBEAT header: [HEARTBEAT]."""
+
+
+class Drain(NamedTuple):
+    """A DRAIN header: [DRAIN]."""
+
+
+HEARTBEAT_MSG: Final = Heartbeat()
+DRAIN_MSG: Final = Drain()
+
+WorkerMessage = Reply | Ready | Heartbeat | Drain | Disconnect | Update
+"""What a worker may send a broker."""
+BrokerMessage = Request | Heartbeat | Drain | Disconnect
+"""What a broker may send a worker."""
+
+# Statuses a worker may put in a REPLY; the others are the broker's to give.
+WORKER_STATUSES: Final = frozenset({STATUS_OK, STATUS_REMOTE_ERROR, STATUS_TIMEOUT, STATUS_BAD_REQUEST})
+
+
+# -- encoders ---------------------------------------------------------------------------------
 
 
 def encode_request(
@@ -160,7 +297,9 @@ def encode_reply(
     message: str | None = None,
     error_type: str | None = None,
 ) -> bytes:
-    return _packb((REPLY, rid, status, flags, message, error_type))
+    """A REPLY header. ``message`` and ``error_type`` are cut to MAX_TEXT_LEN so that what we
+    send always passes the receiver's decoder."""
+    return _packb((REPLY, rid, status, flags, clip_text(message), clip_text(error_type)))
 
 
 def encode_ready(service: str, capacity: int, weight: int = 1, meta: dict[str, str] | None = None) -> bytes:
@@ -172,7 +311,7 @@ def encode_update(capacity: int, weight: int) -> bytes:
 
 
 def encode_disconnect(reason: str | None = None) -> bytes:
-    return _packb((DISCONNECT, reason))
+    return _packb((DISCONNECT, clip_text(reason)))
 
 
 _HEARTBEAT: Final = _packb((HEARTBEAT,))
@@ -187,59 +326,266 @@ def encode_drain() -> bytes:
     return _DRAIN
 
 
-def decode_header(frame: bytes | memoryview) -> list[Any]:
-    """Decode a header frame into its array; anything else is a :class:`ProtocolError`."""
+def clip_text(text: str | None, limit: int = MAX_TEXT_LEN) -> str | None:
+    """``text`` cut to at most ``limit`` bytes of UTF-8 (on a character boundary)."""
+    if text is None or (len(text) <= limit // 4) or len(text.encode()) <= limit:
+        return text
+    return text.encode()[: limit - 3].decode(errors="ignore") + "..."
+
+
+# -- decoders: one per message kind, each checks every field's type and range ---------------
+
+
+def decode_header(frame: Buffer) -> list[Any]:
+    """A header frame's array, size- and shape-checked; fields are not (use the decoders below).
+
+    Raises :class:`BadMessage` (kinds ``header_size``, ``not_msgpack``, ``not_array``).
+    """
+    if len(frame) > MAX_HEADER_SIZE:  # type: ignore[arg-type]
+        raise BadMessage("header_size", f"header frame is over {MAX_HEADER_SIZE} bytes")
     try:
-        header = _unpackb(frame, raw=False, strict_map_key=False)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError(f"header is not msgpack: {exc}") from None
+        header = _unpackb(frame, **_UNPACK_LIMITS)
+    except Exception:  # msgpack raises several unrelated types; none may escape as themselves
+        raise BadMessage("not_msgpack", "header frame is not one msgpack value within the limits") from None
     if type(header) is not list or not header or type(header[0]) is not int:
-        raise ProtocolError("header must be a non-empty msgpack array starting with a command")
+        raise BadMessage("not_array", "header must be a msgpack array whose first element is the command")
     return header
 
 
-def _need(header: list[Any], n: int, what: str) -> None:
+def _rid_of(header: list[Any]) -> int:
+    """The header's request id if it is a valid one (to address an answer), else 0."""
+    rid = header[1] if len(header) > 1 else None
+    return rid if type(rid) is int and 0 < rid <= MAX_RID else 0
+
+
+def _field(what: str, rule: str, header: list[Any] | None = None) -> BadMessage:
+    return BadMessage("field", f"{what} {rule}", _rid_of(header) if header is not None else 0)
+
+
+def _uint(value: Any, low: int, high: int) -> bool:
+    return type(value) is int and low <= value <= high
+
+
+def _text_ok(value: Any, limit: int, empty: bool = True) -> bool:
+    """A str of at most ``limit`` bytes of UTF-8 (non-empty unless ``empty``)."""
+    if type(value) is not str or (not value and not empty):
+        return False
+    return len(value) <= limit if value.isascii() else len(value.encode()) <= limit
+
+
+def _expect(header: list[Any], command: int, n: int, name: str) -> None:
+    if header[0] != command:
+        raise BadMessage("wrong_command", f"expected {name}, got command {header[0]}", _rid_of(header))
     if len(header) < n:
-        raise ProtocolError(f"{what} header needs {n} elements, got {len(header)}")
+        raise BadMessage("field", f"{name} header needs {n} elements, got {len(header)}", _rid_of(header))
 
 
-def parse_request(header: list[Any]) -> Request:
-    """Validate a decoded REQUEST header (the broker's hot path indexes the list directly)."""
-    _need(header, 7, "REQUEST")
+def _service_ok(service: Any) -> bool:
+    return _text_ok(service, MAX_SERVICE_LEN, empty=False)
+
+
+def check_request(header: list[Any]) -> Request:
+    """A decoded REQUEST header's fields, checked (see docs/protocol.md for each rule)."""
+    _expect(header, REQUEST, 7, "REQUEST")
     rid, service, timeout_ms, attempt, flags, key = header[1:7]
-    if type(rid) is not int or rid < 0:
-        raise ProtocolError("request id must be an unsigned integer")
-    if type(service) is not str or not service:
-        raise ProtocolError("service must be a non-empty string")
-    if type(timeout_ms) is not int or timeout_ms <= 0:
-        raise ProtocolError("timeout_ms must be a positive integer")
-    if type(attempt) is not int or attempt < 0 or type(flags) is not int:
-        raise ProtocolError("attempt and flags must be unsigned integers")
-    if key is not None and not isinstance(key, (bytes, str)):
-        raise ProtocolError("key must be bytes, a string or nil")
+    if not _uint(rid, 1, MAX_RID):
+        raise _field("REQUEST rid", f"must be an integer in 1..{MAX_RID}")
+    if not _service_ok(service):
+        raise _field("REQUEST service", f"must be a non-empty str of at most {MAX_SERVICE_LEN} bytes", header)
+    if not _uint(timeout_ms, 1, MAX_TIMEOUT_MS):
+        raise _field("REQUEST timeout_ms", f"must be an integer in 1..{MAX_TIMEOUT_MS}", header)
+    if not _uint(attempt, 0, MAX_ATTEMPT):
+        raise _field("REQUEST attempt", f"must be an integer in 0..{MAX_ATTEMPT}", header)
+    if not _uint(flags, 0, MAX_FLAGS):
+        raise _field("REQUEST flags", f"must be an integer in 0..{MAX_FLAGS}", header)
+    if key is not None:
+        if type(key) is bytes:
+            if len(key) > MAX_KEY_LEN:
+                raise _field("REQUEST key", f"must be at most {MAX_KEY_LEN} bytes", header)
+        elif not _text_ok(key, MAX_KEY_LEN):
+            raise _field("REQUEST key", f"must be nil, bin or str of at most {MAX_KEY_LEN} bytes", header)
     return Request(rid, service, timeout_ms, attempt, flags, key)
 
 
-def parse_reply(header: list[Any]) -> Reply:
-    _need(header, 6, "REPLY")
+def decode_request(frame: Buffer) -> Request:
+    """A REQUEST header frame, decoded and checked. Raises :class:`BadMessage` (with ``rid`` set
+    when the rid was readable, so the sender can be told which request was refused).
+
+    The broker calls this once per request, so the common case (ASCII service, bin or nil key)
+    is checked inline in one pass; anything else takes the field-by-field path, which accepts
+    the same inputs and names the rule an input breaks.
+    """
+    if len(frame) <= MAX_HEADER_SIZE:
+        try:
+            h = _unpackb(frame, max_str_len=MAX_HEADER_SIZE, max_bin_len=MAX_HEADER_SIZE, max_array_len=64,
+                         max_map_len=MAX_META_ENTRIES * 2, max_ext_len=0)
+        except Exception:
+            h = None
+        if type(h) is list and len(h) >= 7 and h[0] == REQUEST:
+            req = h[1:7]
+            rid, service, timeout_ms, attempt, flags, key = req
+            if (type(rid) is int and 0 < rid <= MAX_RID
+                    and type(service) is str and 0 < len(service) <= MAX_SERVICE_LEN and service.isascii()
+                    and type(timeout_ms) is int and 0 < timeout_ms <= MAX_TIMEOUT_MS
+                    and type(attempt) is int and 0 <= attempt <= MAX_ATTEMPT
+                    and type(flags) is int and 0 <= flags <= MAX_FLAGS
+                    and (key is None or (type(key) is bytes and len(key) <= MAX_KEY_LEN))):
+                fast: Request = _new_tuple(Request, req)  # NamedTuple's own __new__ costs more
+                return fast
+    return check_request(decode_header(frame))
+
+
+def check_reply(header: list[Any]) -> Reply:
+    _expect(header, REPLY, 6, "REPLY")
     rid, status, flags, message, error_type = header[1:6]
-    if type(rid) is not int or type(status) is not int or type(flags) is not int:
-        raise ProtocolError("reply id, status and flags must be integers")
+    if not _uint(rid, 0, MAX_RID):
+        raise _field("REPLY rid", f"must be an integer in 0..{MAX_RID}")
+    if not _uint(status, 0, MAX_STATUS):
+        raise _field("REPLY status", f"must be an integer in 0..{MAX_STATUS}", header)
+    if not _uint(flags, 0, MAX_FLAGS):
+        raise _field("REPLY flags", f"must be an integer in 0..{MAX_FLAGS}", header)
+    if message is not None and not _text_ok(message, MAX_TEXT_LEN):
+        raise _field("REPLY message", f"must be nil or a str of at most {MAX_TEXT_LEN} bytes", header)
+    if error_type is not None and not _text_ok(error_type, MAX_TEXT_LEN):
+        raise _field("REPLY error_type", f"must be nil or a str of at most {MAX_TEXT_LEN} bytes", header)
     return Reply(rid, status, flags, message, error_type)
 
 
-def parse_ready(header: list[Any]) -> Ready:
-    _need(header, 5, "READY")
+def decode_reply(frame: Buffer) -> Reply:
+    """A REPLY header frame, decoded and checked. Raises :class:`BadMessage`."""
+    return check_reply(decode_header(frame))
+
+
+def _capacity_weight(what: str, capacity: Any, weight: Any) -> None:
+    if not _uint(capacity, 0, MAX_CAPACITY):
+        raise _field(f"{what} capacity", f"must be an integer in 0..{MAX_CAPACITY}")
+    if not _uint(weight, 0, MAX_WEIGHT):
+        raise _field(f"{what} weight", f"must be an integer in 0..{MAX_WEIGHT}")
+
+
+def check_ready(header: list[Any]) -> Ready:
+    _expect(header, READY, 5, "READY")
     service, capacity, weight, meta = header[1:5]
-    if type(service) is not str or not service:
-        raise ProtocolError("READY service must be a non-empty string")
-    if type(capacity) is not int or capacity < 0:
-        raise ProtocolError("READY capacity must be an integer >= 0")
-    if type(weight) is not int or weight < 0:
-        raise ProtocolError("READY weight must be an integer >= 0")
-    if not isinstance(meta, dict):
-        raise ProtocolError("READY meta must be a map")
-    return Ready(service, capacity, weight, {str(k): str(v) for k, v in meta.items()})
+    if not _service_ok(service):
+        raise _field("READY service", f"must be a non-empty str of at most {MAX_SERVICE_LEN} bytes")
+    _capacity_weight("READY", capacity, weight)
+    if meta is None:
+        meta = {}
+    elif type(meta) is not dict:
+        raise _field("READY meta", "must be a map or nil")
+    if len(meta) > MAX_META_ENTRIES:
+        raise _field("READY meta", f"may have at most {MAX_META_ENTRIES} entries")
+    clean: dict[str, str] = {}
+    for k, v in meta.items():
+        if not _text_ok(k, MAX_META_KEY_LEN, empty=False):
+            raise _field("READY meta keys", f"must be non-empty str of at most {MAX_META_KEY_LEN} bytes")
+        if type(v) is int and -(2**63) <= v < 2**64:
+            v = str(v)
+        elif not _text_ok(v, MAX_META_VALUE_LEN):
+            raise _field("READY meta values", f"must be str of at most {MAX_META_VALUE_LEN} bytes, or integers")
+        clean[k] = v
+    heartbeat_ms = None
+    hb = clean.get("heartbeat_ms")
+    if hb is not None:
+        if not (hb.isascii() and hb.isdigit() and len(hb) <= 6) or not HEARTBEAT_MS_MIN <= int(hb) <= HEARTBEAT_MS_MAX:
+            raise _field("READY meta heartbeat_ms", f"must be an integer in {HEARTBEAT_MS_MIN}..{HEARTBEAT_MS_MAX}")
+        heartbeat_ms = int(hb)
+    return Ready(service, capacity, weight, clean, heartbeat_ms)
+
+
+def decode_ready(frame: Buffer) -> Ready:
+    """A READY header frame, decoded and checked. Raises :class:`BadMessage`."""
+    return check_ready(decode_header(frame))
+
+
+def check_update(header: list[Any]) -> Update:
+    _expect(header, UPDATE, 3, "UPDATE")
+    _capacity_weight("UPDATE", header[1], header[2])
+    return Update(header[1], header[2])
+
+
+def check_disconnect(header: list[Any]) -> Disconnect:
+    _expect(header, DISCONNECT, 2, "DISCONNECT")
+    reason = header[1]
+    if reason is not None and not _text_ok(reason, MAX_TEXT_LEN):
+        raise _field("DISCONNECT reason", f"must be nil or a str of at most {MAX_TEXT_LEN} bytes")
+    return Disconnect(reason)
+
+
+def _check_heartbeat(header: list[Any]) -> Heartbeat:
+    return HEARTBEAT_MSG
+
+
+def _check_drain(header: list[Any]) -> Drain:
+    return DRAIN_MSG
+
+
+_FROM_WORKER: Final[dict[int, Callable[[list[Any]], Any]]] = {
+    REPLY: check_reply,
+    READY: check_ready,
+    HEARTBEAT: _check_heartbeat,
+    DRAIN: _check_drain,
+    DISCONNECT: check_disconnect,
+    UPDATE: check_update,
+}
+_FROM_BROKER: Final[dict[int, Callable[[list[Any]], Any]]] = {
+    REQUEST: check_request,
+    HEARTBEAT: _check_heartbeat,
+    DRAIN: _check_drain,
+    DISCONNECT: check_disconnect,
+}
+_KNOWN: Final = frozenset({REQUEST, REPLY, READY, HEARTBEAT, DRAIN, DISCONNECT, UPDATE})
+
+
+def _dispatch(frame: Buffer, table: dict[int, Callable[[list[Any]], Any]], side: str) -> Any:
+    header = decode_header(frame)
+    check = table.get(header[0])
+    if check is None:
+        if header[0] in _KNOWN:
+            raise BadMessage("wrong_command", f"command {header[0]} is not sent by a {side}", _rid_of(header))
+        raise UnknownCommand(header[0])
+    return check(header)
+
+
+def decode_worker_message(frame: Buffer) -> WorkerMessage:
+    """The header frame of a worker → broker message as its typed record (Reply, Ready,
+    Heartbeat, Drain, Disconnect or Update). Raises :class:`UnknownCommand` for a command this
+    version does not know, :class:`BadMessage` for anything else wrong."""
+    msg: WorkerMessage = _dispatch(frame, _FROM_WORKER, "worker")
+    return msg
+
+
+def decode_broker_message(frame: Buffer) -> BrokerMessage:
+    """The header frame of a broker → worker message as its typed record (Request, Heartbeat,
+    Drain or Disconnect). Raises :class:`UnknownCommand` / :class:`BadMessage` as above."""
+    msg: BrokerMessage = _dispatch(frame, _FROM_BROKER, "broker")
+    return msg
+
+
+def has_payload(msg: object) -> bool:
+    """REQUEST and REPLY carry exactly one payload frame after the header; nothing else does."""
+    return type(msg) is Request or type(msg) is Reply
+
+
+def check_frames(frames: Sequence[Any], start: int) -> None:
+    """The frames after a ROUTER envelope (``start`` 1) or of a DEALER (``start`` 0): the
+    signature, a header, and at most one payload frame. Raises :class:`BadMessage`."""
+    n = len(frames) - start
+    if n < 2 or n > 3:
+        raise BadMessage("frames", "a message is [signature, header] or [signature, header, payload]")
+    sig = frames[start]
+    if len(sig) != 4 or bytes(sig) != SIGNATURE:
+        raise BadMessage("signature", "the first frame must be the signature ZRT1")
+
+
+def check_payload_count(msg: object, frames: Sequence[Any], start: int) -> None:
+    """A decoded message has its payload frame exactly when its kind needs one."""
+    want = 3 if has_payload(msg) else 2
+    if len(frames) - start != want:
+        rid = msg.rid if type(msg) is Request or type(msg) is Reply else 0
+        name = type(msg).__name__.upper()
+        raise BadMessage("frames", f"{name} needs {want - 2} payload frame(s), got {len(frames) - start - 2}",
+                         rid if rid and rid <= MAX_RID else 0)
 
 
 def encode_payload(obj: Any) -> tuple[int, Any]:

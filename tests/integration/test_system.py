@@ -283,7 +283,7 @@ def test_bad_input_gets_clear_errors_and_the_broker_keeps_serving(procs: Process
         raw.send_multipart(frames)
         reply = _recv(raw)
         assert reply[0] == p.SIGNATURE
-        assert p.parse_reply(p.decode_header(reply[1])).status == p.STATUS_BAD_REQUEST
+        assert p.check_reply(p.decode_header(reply[1])).status == p.STATUS_BAD_REQUEST
     with Client(broker.frontend, timeout=5) as client:
         with pytest.raises(MessageTooLarge):
             client.request("echo", b"x" * 2048)
@@ -313,7 +313,7 @@ def test_broker_exits_cleanly_on_sigterm_answering_what_it_queued(
     # Messages on one connection arrive in order: the answer to the second proves the first queued.
     assert p.decode_header(_recv(raw)[1])[1] == 0
     broker.signal(signal.SIGTERM)
-    reply = p.parse_reply(p.decode_header(_recv(raw)[1]))
+    reply = p.check_reply(p.decode_header(_recv(raw)[1]))
     assert (reply.rid, reply.status) == (1, p.STATUS_UNAVAILABLE) and "shutting down" in (reply.message or "")
     assert broker.wait() == 0
     broker.wait_for("broker stopped")

@@ -34,7 +34,7 @@ from zrouter.protocol import (
     STATUS_TIMEOUT,
     encode_drain,
     encode_request,
-    parse_ready,
+    check_ready,
 )
 
 pytestmark = pytest.mark.timeout(90)
@@ -109,7 +109,7 @@ def test_one_at_a_time_in_arrival_order_on_the_io_thread(backend: ScriptedBacken
         return payload
 
     w = start(handler, capacity=4)
-    assert parse_ready(backend.wait_cmd(READY).header).capacity == 4
+    assert check_ready(backend.wait_cmd(READY).header).capacity == 4
     peer = backend.messages(READY)[0].identity
     for rid in range(1, 9):
         backend.request(peer, rid, rid)

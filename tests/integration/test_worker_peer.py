@@ -40,7 +40,7 @@ from zrouter.protocol import (
     encode_disconnect,
     encode_drain,
     encode_request,
-    parse_ready,
+    check_ready,
 )
 from zrouter.transport import free_tcp_endpoint
 
@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_ready_announces_service_capacity_weight_meta(backend: ScriptedBackend, make_worker: Any) -> None:
     w = make_worker(echo, backend.endpoint, capacity=3, weight=2, meta={"zone": "eu-1"})
-    ready = parse_ready(backend.wait_cmd(READY).header)
+    ready = check_ready(backend.wait_cmd(READY).header)
     assert (ready.service, ready.capacity, ready.weight) == ("svc", 3, 2)
     assert ready.meta["instance"] == w.instance_id
     assert ready.meta["pid"] == str(os.getpid())
@@ -111,7 +111,7 @@ def test_reconnects_when_the_broker_goes_silent_and_drops_stale_replies(
     backend.heartbeats_on = False
     second = backend.wait_for(lambda m: m.cmd == READY and m.identity != first.identity)
     assert second.at - first.at >= 3 * HB
-    assert parse_ready(second.header).meta["instance"] == w.instance_id
+    assert check_ready(second.header).meta["instance"] == w.instance_id
     backend.heartbeats_on = True
     backend.request(second.identity, 2, b"after")
     assert backend.wait_reply(2).reply()[4] == b"after"
@@ -135,7 +135,7 @@ def test_broker_restart_on_the_same_endpoint(make_backend: Any, make_worker: Any
     old.close()  # the broker process dies; a new one binds the same endpoint
     new = make_backend(old.endpoint)
     ready = new.wait_cmd(READY)
-    assert parse_ready(ready.header).meta["instance"] == w.instance_id
+    assert check_ready(ready.header).meta["instance"] == w.instance_id
     new.request(ready.identity, 1, b"again")
     assert new.wait_reply(1).reply()[4] == b"again"
 
@@ -339,7 +339,7 @@ def test_cli_drains_on_signal(backend: ScriptedBackend, sig: signal.Signals) -> 
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        ready = parse_ready(backend.wait_cmd(READY, timeout=20.0).header)
+        ready = check_ready(backend.wait_cmd(READY, timeout=20.0).header)
         assert (ready.service, ready.capacity, ready.meta["pid"]) == ("svc", 2, str(proc.pid))
         peer = backend.messages(READY)[0].identity
         backend.request(peer, 1, b"one")

@@ -58,7 +58,7 @@ class FakeSocket:
         self.closed = True
 
     def requests(self) -> list[p.Request]:
-        return [p.parse_request(p.decode_header(m[1])) for m in self.messages]
+        return [p.check_request(p.decode_header(m[1])) for m in self.messages]
 
 
 class Factory:
@@ -125,7 +125,7 @@ def test_request_frames_carry_signature_header_and_payload() -> None:
     start(core, b"hello", timeout=2.5, key="user-7", now=100.0)
     [msg] = f.socks[A].messages
     assert msg[0] == p.SIGNATURE and msg[2] == b"hello"
-    assert p.parse_request(p.decode_header(msg[1])) == p.Request(1, "echo", 2500, 0, p.FLAG_IDEMPOTENT, "user-7")
+    assert p.check_request(p.decode_header(msg[1])) == p.Request(1, "echo", 2500, 0, p.FLAG_IDEMPOTENT, "user-7")
     entries = [start(core, now=50.0) for _ in range(3)]  # the client's default timeout
     assert [e.rid for e in entries] == [2, 3, 4] and entries[0].deadline == 53.0
     assert [(r.rid, r.timeout_ms) for r in f.socks[A].requests()[1:]] == [(2, 3000), (3, 3000), (4, 3000)]
@@ -146,7 +146,7 @@ def test_payload_encoding_and_flags(payload: Any, idempotent: bool, flags: int, 
     core, f = make_core(A)
     start(core, payload, idempotent=idempotent)
     [msg] = f.socks[A].messages
-    assert p.parse_request(p.decode_header(msg[1])).flags == flags
+    assert p.check_request(p.decode_header(msg[1])).flags == flags
     assert bytes(msg[2]) == frame
 
 

@@ -21,7 +21,7 @@ from zrouter.protocol import (
     decode_header,
     decode_payload,
     encode_payload,
-    parse_reply,
+    check_reply,
 )
 from zrouter.worker import DEFAULT_BROKER, RequestInfo, Worker, current_request
 from zrouter.worker._connection import BACKOFF_INITIAL, BACKOFF_MAX, BrokerConnection, backoff_delay, split_capacity
@@ -213,7 +213,7 @@ def _job(payload: Any, *, flags: int | None = None, rid: int = 7) -> Job:
 
 def _outcome(reply: tuple[bytes, Any]) -> tuple[int, int, str | None, str | None, Any]:
     header, payload = reply
-    r = parse_reply(decode_header(header))
+    r = check_reply(decode_header(header))
     return r.rid, r.status, r.message, r.error_type, decode_payload(r.flags, bytes(payload))
 
 
