@@ -33,14 +33,14 @@ from zrouter.protocol import (
     REPLY,
     SIGNATURE,
     UPDATE,
+    check_ready,
+    check_reply,
     decode_header,
     decode_payload,
     encode_drain,
     encode_heartbeat,
     encode_payload,
     encode_request,
-    check_ready,
-    check_reply,
 )
 from zrouter.transport import free_tcp_endpoint, recv_frames, send_frames
 
@@ -240,7 +240,7 @@ class ScriptedBackend:
                 if m.cmd == READY:
                     value = check_ready(m.header).capacity
                 elif m.cmd == UPDATE:
-                    value = m.header[1]
+                    value = p.check_update(m.header).capacity
                 elif m.cmd == DISCONNECT:
                     value = None
             return value
@@ -309,7 +309,7 @@ class ScriptedFrontend:
 
     def _handle(self, sock: zmq.Socket[Any], msg: list[bytes], later: list[Any]) -> None:
         ident, _sig, header, body = msg
-        req = p.check_request(p.decode_header(header))
+        req = p.decode_request(header)
         with self._cond:
             self.requests.append(req)
             self._cond.notify_all()

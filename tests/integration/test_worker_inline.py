@@ -171,8 +171,8 @@ def test_stop_drains_everything_then_disconnects(backend: ScriptedBackend, start
     backend.ack_drain = False
     w = start(slow_echo, capacity=3)
     peer = backend.wait_cmd(READY).identity
-    backend.request(peer, 0, {"n": 0})
-    backend.wait_reply(0)  # heard from the broker: there is something to drain
+    backend.request(peer, 9, {"n": 0})  # rid 0 is reserved (docs/protocol.md)
+    backend.wait_reply(9)  # heard from the broker: there is something to drain
     backend.request(peer, 1, {"delay": 0.2, "n": 1})
     backend.request(peer, 2, {"delay": 0.2, "n": 2})
     done: list[bool] = []
@@ -184,7 +184,7 @@ def test_stop_drains_everything_then_disconnects(backend: ScriptedBackend, start
     backend.send(peer, encode_drain())
     bye = backend.wait_cmd(DISCONNECT, timeout=10.0)
     replies = {m.header[1]: m for m in backend.messages(REPLY)}
-    assert set(replies) == {0, 1, 2, 3}
+    assert set(replies) == {9, 1, 2, 3}
     assert all(m.reply()[1] == STATUS_OK for m in replies.values())
     assert all(drain.at < bye.at and m.at < bye.at for m in replies.values())
     stopper.join(WAIT)

@@ -89,6 +89,21 @@ def test_bad_msgpack_payload_is_a_bad_request(backend: ScriptedBackend, make_wor
     assert backend.wait_reply(7).reply()[1] == STATUS_BAD_REQUEST
 
 
+def test_bad_messages_from_the_broker_are_refused_and_unknown_commands_ignored(
+    backend: ScriptedBackend, make_worker: Any
+) -> None:
+    make_worker(echo, backend.endpoint)
+    peer = backend.wait_cmd(READY).identity
+    backend.send(peer, msgpack.packb([0x01, 5, "svc", 0, 0, 0, None]), b"x")  # timeout_ms 0: refused
+    _, status, message, _, _ = backend.wait_reply(5).reply()
+    assert status == STATUS_BAD_REQUEST and "timeout_ms" in (message or "")
+    backend.send(peer, msgpack.packb([0x7F, "from a later version"]))  # unknown command: ignored
+    backend.send(peer, b"\xc1")  # not msgpack: dropped (no rid to answer)
+    backend.request(peer, 6, b"still here")
+    assert backend.wait_reply(6).reply()[1:5:3] == (STATUS_OK, b"still here")
+    assert len(backend.messages(READY)) == 1 and len(backend.messages(REPLY)) == 2
+
+
 def test_heartbeats_keep_flowing_while_a_handler_runs_long(backend: ScriptedBackend, make_worker: Any) -> None:
     make_worker(slow_echo, backend.endpoint)
     peer = backend.wait_cmd(READY).identity
@@ -160,8 +175,8 @@ def test_stop_drains_everything_then_disconnects(backend: ScriptedBackend, make_
     backend.ack_drain = False
     w = make_worker(slow_echo, backend.endpoint, capacity=2)
     peer = backend.wait_cmd(READY).identity
-    backend.request(peer, 0, {"n": 0})
-    backend.wait_reply(0)  # the worker has heard from the broker: there is something to drain
+    backend.request(peer, 9, {"n": 0})  # rid 0 is reserved (docs/protocol.md)
+    backend.wait_reply(9)  # the worker has heard from the broker: there is something to drain
     backend.request(peer, 1, {"delay": 0.5, "n": 1})
     backend.request(peer, 2, {"delay": 0.5, "n": 2})
     done: list[bool] = []
@@ -174,7 +189,7 @@ def test_stop_drains_everything_then_disconnects(backend: ScriptedBackend, make_
     backend.send(peer, encode_drain())
     bye = backend.wait_cmd(DISCONNECT, timeout=10.0)
     replies = {m.header[1]: m for m in backend.messages(REPLY)}
-    assert set(replies) == {0, 1, 2, 3}
+    assert set(replies) == {9, 1, 2, 3}
     assert all(m.reply()[1] == STATUS_OK for m in replies.values())
     assert all(drain.at < bye.at and m.at < bye.at for m in replies.values())
     stopper.join(WAIT)

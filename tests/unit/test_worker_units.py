@@ -18,10 +18,9 @@ from zrouter.protocol import (
     STATUS_BAD_REQUEST,
     STATUS_OK,
     STATUS_REMOTE_ERROR,
-    decode_header,
     decode_payload,
+    decode_reply,
     encode_payload,
-    check_reply,
 )
 from zrouter.worker import DEFAULT_BROKER, RequestInfo, Worker, current_request
 from zrouter.worker._connection import BACKOFF_INITIAL, BACKOFF_MAX, BrokerConnection, backoff_delay, split_capacity
@@ -213,7 +212,7 @@ def _job(payload: Any, *, flags: int | None = None, rid: int = 7) -> Job:
 
 def _outcome(reply: tuple[bytes, Any]) -> tuple[int, int, str | None, str | None, Any]:
     header, payload = reply
-    r = check_reply(decode_header(header))
+    r = decode_reply(header)
     return r.rid, r.status, r.message, r.error_type, decode_payload(r.flags, bytes(payload))
 
 
