@@ -24,6 +24,7 @@ import msgpack
 import zmq
 
 from tests.procs import BrokerProc, ProcessGroup, WorkerProc
+from zrouter import errors
 from zrouter import protocol as p
 from zrouter.client import Client
 from zrouter.protocol import (
@@ -46,6 +47,7 @@ from zrouter.transport import free_tcp_endpoint, recv_frames, send_frames
 
 __all__ = [
     "HB",
+    "STATUS_ERRORS",
     "WAIT",
     "Msg",
     "ScriptedBackend",
@@ -57,6 +59,19 @@ __all__ = [
 
 HB = 0.1  # heartbeat interval used by the workers under test and the scripted back end
 WAIT = 10.0  # upper bound of any single wait on something that should happen within milliseconds
+
+# Every reply status but OK, and one no version defines, with the exception a client raises.
+STATUS_ERRORS: list[tuple[int, type[errors.ZRouterError]]] = [
+    (p.STATUS_REMOTE_ERROR, errors.RemoteError),
+    (p.STATUS_TIMEOUT, errors.RequestTimeout),
+    (p.STATUS_UNAVAILABLE, errors.ServiceUnavailable),
+    (p.STATUS_OVERLOADED, errors.Overloaded),
+    (p.STATUS_WORKER_LOST, errors.WorkerLost),
+    (p.STATUS_BAD_REQUEST, errors.ProtocolError),
+    (p.STATUS_TOO_LARGE, errors.MessageTooLarge),
+    (p.STATUS_FORBIDDEN, errors.Forbidden),
+    (99, errors.ProtocolError),
+]
 
 
 T = TypeVar("T")

@@ -30,22 +30,12 @@ from zrouter.client import (
     WorkerLost,
     ZRouterError,
 )
-from tests.helpers import WAIT, ScriptedFrontend
+from tests.helpers import STATUS_ERRORS, WAIT, ScriptedFrontend
 from zrouter import protocol as p
 from zrouter.transport import free_tcp_endpoint
 
 pytestmark = pytest.mark.timeout(60)
 
-STATUS_ERRORS: list[tuple[int, type[ZRouterError]]] = [
-    (p.STATUS_REMOTE_ERROR, RemoteError),
-    (p.STATUS_TIMEOUT, RequestTimeout),
-    (p.STATUS_UNAVAILABLE, ServiceUnavailable),
-    (p.STATUS_OVERLOADED, Overloaded),
-    (p.STATUS_WORKER_LOST, WorkerLost),
-    (p.STATUS_BAD_REQUEST, ProtocolError),
-    (p.STATUS_TOO_LARGE, MessageTooLarge),
-    (42, ProtocolError),
-]
 OBJECTS: list[Any] = [{"a": [1, 2.5, None], "b": {"c": "d"}}, [1, "two"], 7, "text", None, True]
 
 
