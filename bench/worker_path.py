@@ -1,6 +1,6 @@
 """The worker's own cost per request, without the broker, the client or a second thread.
 
-    python -m bench.worker_path [--rounds N]
+    python -m bench.worker_path [--rounds N] [--only inline|pool]
 
 One process, one thread, inproc sockets: a ROUTER here queues ``BATCH`` REQUESTs (100-byte raw
 payloads) on a worker engine's DEALER, then the engine's own methods take them through the
@@ -11,6 +11,12 @@ so no thread hand-off is timed) and the replies going out. Prints the best round
 in µs per request: the best, because on a shared machine every other round has someone else's
 work in it. A figure for comparing two versions of the worker run one after the other, not a
 throughput: the full picture is ``python -m bench --only throughput``.
+
+Timings on a shared machine swing; for a repeatable figure count instructions instead, and
+divide the difference by the extra requests (10 rounds x 500 = 5,000):
+
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null python -m bench.worker_path --only inline --rounds 12
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null python -m bench.worker_path --only inline --rounds 2
 """
 
 from __future__ import annotations
@@ -112,24 +118,27 @@ def best(rounds: int, one: Callable[[], float]) -> float:
 def main() -> None:
     args = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     args.add_argument("--rounds", type=int, default=60, help=f"rounds of {BATCH} requests each")
-    rounds = args.parse_args().rounds
-
-    inline = Bench(InlineEngine(handler=echo, instance_id="bench", **SETTINGS))
-    try:
-        inline_us = best(rounds, lambda: inline_round(inline)) * 1e6
-    finally:
-        inline.close()
-
-    engine = Engine(runner_factory=lambda post: SyncPool(post, "bench", echo, 1, "bench"), **SETTINGS)
-    pool = SyncPool(engine.post, "bench", echo, 1, "bench")
-    engine._submit = pool._queue.put
-    bench = Bench(engine)
-    try:
-        pool_us = best(rounds, lambda: pool_round(bench, pool)) * 1e6
-    finally:
-        bench.close()
-    print(f"worker request path, best of {rounds} x {BATCH}: inline {inline_us:.2f} µs/request, "
-          f"pool {pool_us:.2f} µs/request (read + job + handler + reply, one thread)")
+    args.add_argument("--only", choices=("inline", "pool"), help="time one engine only")
+    opts = args.parse_args()
+    rounds = opts.rounds
+    figures = []
+    if opts.only != "pool":
+        inline = Bench(InlineEngine(handler=echo, instance_id="bench", **SETTINGS))
+        try:
+            figures.append(f"inline {best(rounds, lambda: inline_round(inline)) * 1e6:.2f} µs/request")
+        finally:
+            inline.close()
+    if opts.only != "inline":
+        engine = Engine(runner_factory=lambda post: SyncPool(post, "bench", echo, 1, "bench"), **SETTINGS)
+        pool = SyncPool(engine.post, "bench", echo, 1, "bench")
+        engine._submit = pool._queue.put
+        bench = Bench(engine)
+        try:
+            figures.append(f"pool {best(rounds, lambda: pool_round(bench, pool)) * 1e6:.2f} µs/request")
+        finally:
+            bench.close()
+    print(f"worker request path, best of {rounds} x {BATCH}: {', '.join(figures)} "
+          "(read + job + handler + reply, one thread)")
 
 
 if __name__ == "__main__":

@@ -60,16 +60,24 @@ _new_job: Final = tuple.__new__  # Job(...) would cost a Python-level __new__ pe
 RunnerFactory = Callable[[Callable[[Answer], None]], Runner]  # given Engine.post
 
 
-def _decode(frame: Any) -> BrokerMessage:
-    """:func:`~zrouter.protocol.decode_broker_message`, trying the one-pass check of
-    :func:`~zrouter.protocol.decode_request` first: nearly everything a broker sends a worker is a
-    REQUEST, and that check costs half as much. Raises as ``decode_broker_message`` does."""
-    try:
-        return decode_request(frame)
-    except BadMessage as exc:
-        if exc.kind != "wrong_command":  # a REQUEST, but a bad one
-            raise
-    return decode_broker_message(frame)
+def _decode(frames: list[zmq.Frame]) -> BrokerMessage:
+    """The message in a broker's ``frames`` (signature, header, payload if any), checked by
+    :mod:`zrouter.protocol`. Raises :class:`~zrouter.protocol.BadMessage` (or
+    :class:`~zrouter.protocol.UnknownCommand`) naming what is wrong.
+
+    Nearly everything a broker sends a worker is a REQUEST: three frames, checked in one pass by
+    :func:`~zrouter.protocol.decode_request` (half the cost of the general decoder). Anything
+    else, or a REQUEST that fails that check, takes the general path."""
+    if len(frames) == 3 and frames[0].bytes == SIGNATURE:
+        try:
+            return decode_request(frames[1].buffer)
+        except BadMessage as exc:
+            if exc.kind != "wrong_command":  # a REQUEST, but a bad one: the error says why
+                raise
+    check_frames(frames, 0)
+    msg = decode_broker_message(frames[1].buffer)
+    check_payload_count(msg, frames, 0)
+    return msg
 
 
 class Engine:
@@ -237,9 +245,7 @@ class Engine:
                 return
             conn.last_recv = now
             try:
-                check_frames(frames, 0)
-                msg = _decode(frames[1].buffer)
-                check_payload_count(msg, frames, 0)
+                msg = _decode(frames)
             except UnknownCommand as exc:  # a later version's: ignored (docs/protocol.md)
                 log.debug("broker %s sent unknown command %d: ignored", conn.endpoint, exc.command)
                 continue

@@ -9,9 +9,11 @@ import random
 import time
 from typing import Any
 
+import msgpack
 import pytest
 import zmq
 
+from zrouter import protocol as p
 from zrouter.errors import ProtocolError
 from zrouter.protocol import (
     FLAG_MSGPACK,
@@ -23,6 +25,7 @@ from zrouter.protocol import (
     encode_payload,
 )
 from zrouter.worker import DEFAULT_BROKER, RequestInfo, Worker, current_request
+from zrouter.worker._engine import _decode
 from zrouter.worker._connection import BACKOFF_INITIAL, BACKOFF_MAX, BrokerConnection, backoff_delay, split_capacity
 from zrouter.worker._handlers import Abandon, Job, respond, respond_async
 from zrouter.worker._worker import _is_async
@@ -270,3 +273,28 @@ def test_respond_async_maps_like_respond() -> None:
     assert run(_job(b"ok"))[1:5:3] == (STATUS_OK, {"rid": 7, "instance": "inst"})
     assert run(_job(b"fail"))[1:4] == (STATUS_REMOTE_ERROR, "boom", "ValueError")
     assert run(_job(b"\xc1", flags=FLAG_MSGPACK))[1] == STATUS_BAD_REQUEST
+
+
+def test_the_worker_reads_broker_messages_with_the_protocol_decoders() -> None:
+    def frames(*parts: bytes) -> list[zmq.Frame]:
+        return [zmq.Frame(x) for x in parts]
+
+    request = p.encode_request(5, "svc", 1000, 0, 0)
+    assert _decode(frames(p.SIGNATURE, request, b"x")) == p.Request(5, "svc", 1000, 0, 0, None)
+    assert _decode(frames(p.SIGNATURE, p.encode_heartbeat())) == p.HEARTBEAT_MSG
+    assert _decode(frames(p.SIGNATURE, p.encode_disconnect("who?"))) == p.Disconnect("who?")
+    refused = [
+        (frames(p.SIGNATURE, p.encode_heartbeat(), b"x"), "frames", 0),  # HEARTBEAT has no payload
+        (frames(p.SIGNATURE, request), "frames", 5),  # a REQUEST has one
+        (frames(p.SIGNATURE, request, b"x", b"y"), "frames", 0),
+        (frames(b"ZRT0", request, b"x"), "signature", 0),
+        (frames(p.SIGNATURE, p.encode_request(6, "svc", 0, 0, 0), b"x"), "field", 6),  # timeout_ms 0
+        (frames(p.SIGNATURE, p.encode_reply(7), b"x"), "wrong_command", 7),  # brokers send no REPLY to workers
+        (frames(p.SIGNATURE, b"\xc1"), "not_msgpack", 0),
+    ]
+    for message, kind, rid in refused:
+        with pytest.raises(p.BadMessage) as info:
+            _decode(message)
+        assert (info.value.kind, info.value.rid) == (kind, rid)
+    with pytest.raises(p.UnknownCommand):
+        _decode(frames(p.SIGNATURE, msgpack.packb([0x7F])))
