@@ -10,6 +10,9 @@ Sections (``--only`` takes these names, comma-separated):
   scale        idle broker cost with 10/100/1,000 workers, CPU per request, 100,000 queued
                requests, policy pick cost at 10/1,000/10,000 workers
   simulate     discrete-event simulation of the policies at 1,000 workers
+  metrics      the cost of observing: pipelined req/s with metrics on (--http, scraped every
+               second, a dashboard open) vs off, same run
+  curve        CURVE's cost: pipelined req/s and one-at-a-time p50, CURVE on vs off
 
 Progress goes to stderr; the table to stdout; results to bench/results/latest.json; plots to
 docs/bench/*.png.
@@ -30,7 +33,7 @@ from typing import Any
 
 from bench.harness import REPO, Row, Settings, progress
 
-SECTIONS = ("throughput", "latency", "payload", "policy", "failover", "scale", "simulate")
+SECTIONS = ("throughput", "latency", "payload", "policy", "failover", "scale", "simulate", "metrics", "curve")
 MODULES = {
     "throughput": "bench.throughput",
     "latency": "bench.latency",
@@ -39,6 +42,8 @@ MODULES = {
     "failover": "bench.failover",
     "scale": "bench.scale",
     "simulate": "bench.simulate",
+    "metrics": "bench.metrics",
+    "curve": "bench.curve",
 }
 COLUMNS = ("measurement", "zrouter", "zmq.proxy", "majortomo", "ratio", "target", "ok")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+from bisect import bisect_left
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Final, Protocol
@@ -23,12 +24,13 @@ from typing import Any, Final, Protocol
 import msgpack
 
 from zrouter.broker.policies.base import make_policy
-from zrouter.broker.policies.p2c_ewma import update_ewma
+from zrouter.broker.slow_start import slow_credit, slow_weight, starts_slow
+from zrouter.broker.counters import BOUNDS, LATENCY_ALPHA, MAX_SERVICES, OTHER_SERVICE, ServiceStats
 from zrouter.broker.state import ServiceQueue
 from zrouter.broker.state import DONE, INFLIGHT, Request, Service, WorkerState
 from zrouter import protocol
 
-__all__ = ["Router", "Sink", "Stats"]
+__all__ = ["Access", "Router", "Sink", "Stats"]
 
 log = logging.getLogger("zrouter.broker")
 
@@ -38,6 +40,7 @@ _REPLY: Final = protocol.REPLY
 _IDEMPOTENT: Final = protocol.FLAG_IDEMPOTENT
 _HEARTBEAT: Final = protocol.encode_heartbeat()
 _DRAIN: Final = protocol.encode_drain()
+_STATUS_OK: Final = protocol.STATUS_OK
 
 
 class Sink(Protocol):
@@ -46,6 +49,15 @@ class Sink(Protocol):
     def to_worker(self, ident: bytes, header: bytes, payload: Any) -> bool: ...
 
     def to_client(self, client: bytes, header: bytes, payload: Any) -> None: ...
+
+
+class Access(Protocol):
+    """Which services a worker's CURVE key may serve (``zrouter.broker.auth.Keyring``).
+
+    ``key`` is the connection's User-Id as ZAP set it (its Z85 public key); the answer is the
+    reason for a refusal, or None when allowed."""
+
+    def worker_refusal(self, key: str | None, service: str) -> str | None: ...
 
 
 @dataclass(slots=True)
@@ -61,6 +73,7 @@ class Stats:
     overloaded: int = 0
     late: int = 0
     bad: int = 0
+    forbidden: int = 0  # requests and READYs refused by key (CURVE brokers)
     workers_joined: int = 0
     workers_left: int = 0
 
@@ -83,6 +96,8 @@ class Router:
         liveness_timeout: float = 3.0,
         liveness: int = 3,
         rng: random.Random | None = None,
+        slow_start: float = 0.0,
+        service_slow_start: Mapping[str, float] | None = None,
     ) -> None:
         self.sink = sink
         self.default_policy = default_policy
@@ -95,6 +110,10 @@ class Router:
         self.liveness_timeout = liveness_timeout
         self.liveness = liveness
         self.rng = rng or random.Random()
+        # Slow start window (s) of new workers, by service (zrouter.broker.slow_start); 0 = off.
+        self.slow_start = slow_start
+        self.service_slow_start = dict(service_slow_start or {})
+        self._ramping: dict[bytes, WorkerState] = {}  # workers in their slow start, by ident
         self.services: dict[str, Service] = {}
         self.workers: dict[bytes, WorkerState] = {}
         self.by_instance: dict[str, WorkerState] = {}
@@ -104,6 +123,13 @@ class Router:
         self.accepting = True
         # Called with each new worker before it can take work: Consul's verdict applies first.
         self.on_join: Callable[[WorkerState, float], None] | None = None
+        # Metrics (zrouter.broker.metrics reads them on this thread): per service name, bounded
+        # by MAX_SERVICES; bad messages by (port, kind), kinds being a fixed set of words.
+        self.service_stats: dict[str, ServiceStats] = {}
+        self.bad_messages: dict[tuple[str, str], int] = {}
+        # CURVE brokers: who may serve what, and each worker's key (to re-check on reload).
+        self.access: Access | None = None
+        self.worker_keys: dict[bytes, str] = {}
 
     # -- services ---------------------------------------------------------------------------
 
@@ -111,8 +137,31 @@ class Router:
         svc = self.services.get(name)
         if svc is None:
             policy = make_policy(self.service_policies.get(name, self.default_policy), self.rng)
-            svc = self.services[name] = Service(name, policy, ServiceQueue(self.max_queue), now)
+            svc = self.services[name] = Service(name, policy, ServiceQueue(self.max_queue), now,
+                                                self.stats_for(name))
         return svc
+
+    # -- metrics ----------------------------------------------------------------------------
+
+    def stats_for(self, name: str) -> ServiceStats:
+        """The counters of service ``name`` (those of ``OTHER_SERVICE`` past MAX_SERVICES names)."""
+        st = self.service_stats.get(name)
+        if st is None:
+            if len(self.service_stats) >= MAX_SERVICES:
+                name = OTHER_SERVICE
+                st = self.service_stats.get(name)
+            if st is None:
+                st = self.service_stats[name] = ServiceStats(name)
+        return st
+
+    def count_status(self, service: str, status: int) -> None:
+        """A reply answered before a request reached the router (bad request, too large)."""
+        self.stats_for(service).count(status)
+
+    def count_bad(self, port: str, kind: str) -> None:
+        """A malformed or unexpected message on ``port`` ("frontend"/"backend")."""
+        key = (port, kind)
+        self.bad_messages[key] = self.bad_messages.get(key, 0) + 1
 
     # -- clients ----------------------------------------------------------------------------
 
@@ -130,25 +179,29 @@ class Router:
     ) -> None:
         """A client's request: dispatch it now, queue it, or refuse it with a reply."""
         if not self.accepting:
+            self.count_status(service, protocol.STATUS_UNAVAILABLE)
             self.answer(client, crid, protocol.STATUS_UNAVAILABLE, "broker is shutting down")
             return
         svc = self.services.get(service) or self.service(service, now)
-        req = Request(client, crid, svc, now + timeout_ms / 1000.0, attempt, flags, key, payload)
+        req = Request(client, crid, svc, now + timeout_ms / 1000.0, attempt, flags, key, payload, now)
         self.stats.accepted += 1
         if not svc.queue:
             w = svc.policy.pick(key)
             if w is not None:
+                svc.stats.wait.buckets[0] += 1  # waited 0 s: sum unchanged
                 self._dispatch(req, w, now)  # type: ignore[arg-type]
                 return
         grace_until = None if svc.n_routable else now + self.grace
         if not svc.queue.push(req, now, grace_until):
             self.stats.overloaded += 1
+            svc.stats.counts[protocol.STATUS_OVERLOADED] += 1
             self.answer(client, crid, protocol.STATUS_OVERLOADED, f"queue of {service!r} is full")
 
     def answer(self, client: bytes, crid: int, status: int, message: str) -> None:
         self.sink.to_client(client, protocol.encode_reply(crid, status, 0, message), b"")
 
-    def _fail(self, req: Request, status: int, message: str) -> None:
+    def _fail(self, req: Request, status: int, message: str, now: float | None = None) -> None:
+        """Answer ``req`` with an error; ``now`` (None at shutdown) times it for the metrics."""
         req.state = DONE
         if status == protocol.STATUS_TIMEOUT:
             self.stats.timeouts += 1
@@ -156,6 +209,10 @@ class Router:
             self.stats.unavailable += 1
         elif status == protocol.STATUS_WORKER_LOST:
             self.stats.lost += 1
+        st = req.service.stats
+        st.counts[status] += 1
+        if now is not None:
+            st.duration.observe(now - req.accepted_at)
         self.answer(req.client, req.crid, status, message)
 
     def _dispatch(self, req: Request, w: WorkerState, now: float) -> None:
@@ -169,7 +226,7 @@ class Router:
         w.outstanding += 1
         self.n_inflight += 1
         svc = req.service
-        if w.outstanding >= w.capacity:
+        if w.outstanding >= w.credit:
             svc.policy.remove(w)
             w.in_policy = False
         else:
@@ -189,20 +246,26 @@ class Router:
                 break
             if now >= head.deadline:  # before picking: a pick moves round-robin/weighted state
                 queue.pop()
-                self._fail(head, protocol.STATUS_TIMEOUT, "deadline passed while queued")
+                self._fail(head, protocol.STATUS_TIMEOUT, "deadline passed while queued", now)
                 continue
             w = policy.pick(head.key)
             if w is None:
                 break
             queue.pop()
+            svc.stats.wait.observe(now - head.queued_at)
             self._dispatch(head, w, now)  # type: ignore[arg-type]
 
     # -- workers ----------------------------------------------------------------------------
 
-    def worker_ready(self, ident: bytes, ready: protocol.Ready, now: float, fd: int = -1) -> WorkerState:
+    def worker_ready(
+        self, ident: bytes, ready: protocol.Ready, now: float, fd: int = -1, user_id: str | None = None
+    ) -> WorkerState:
+        """A worker registers (``user_id``: its CURVE key, already checked by :meth:`admit_worker`)."""
         old = self.workers.get(ident)
         if old is not None:
             self.remove_worker(old, "sent READY again", now)
+        if user_id is not None:
+            self.worker_keys[ident] = user_id
         svc = self.service(ready.service, now)
         w = WorkerState(ident, svc, ready.capacity, ready.weight, ready.meta, now)
         w.fd = fd
@@ -217,10 +280,16 @@ class Router:
         self.stats.workers_joined += 1
         if self.on_join is not None:
             self.on_join(w, now)
-        self._apply_weight(w)
+        window = self.service_slow_start.get(svc.name, self.slow_start)
+        if starts_slow(window, now - svc.created_at, svc.n_routable, self.liveness_timeout):
+            w.slow_window = window
+            self._ramping[ident] = w
+        self._apply_weight(w, now)
         self._refresh(w)
         log.info(
-            "worker %s joined service %r (capacity %d, weight %s)", w.instance, svc.name, w.capacity, w.weight
+            "worker %s joined service %r (capacity %d, weight %s)%s", w.instance, svc.name, w.capacity, w.weight,
+            f", slow start over {w.slow_window:g}s" if w.slow_window else "",
+            extra={"service": svc.name, "instance": w.instance},
         )
         self._pump(svc, now)
         return w
@@ -260,20 +329,34 @@ class Router:
         req = w.inflight.pop(rid, None)
         if req is None:
             self.stats.late += 1
-            log.debug("dropped a late or unknown reply %d from %s", rid, w.instance)
+            log.debug("dropped a late or unknown reply %d from %s", rid, w.instance,
+                      extra={"service": w.service.name, "instance": w.instance, "rid": rid})
             return
         req.state = DONE
         w.outstanding -= 1
         self.n_inflight -= 1
         w.served += 1
-        w.ewma = update_ewma(w.ewma, now - req.sent_at, now - w.ewma_at)
-        w.ewma_at = now
         self.stats.replied += 1
         self.sink.to_client(req.client, _packb((_REPLY, req.crid, status, flags, message, error_type)), payload)
         svc = w.service
+        latency = now - req.sent_at
+        svc.policy.done(w, latency, now)
+        if w.slow_window:
+            self._apply_weight(w, now)
+        ewma = w.latency_ewma  # for /status only; the first reply sets it
+        w.latency_ewma = ewma + (latency - ewma) * LATENCY_ALPHA if ewma else latency
+        st = svc.stats
+        if status == _STATUS_OK:
+            st.counts[0] += 1
+        else:
+            st.count(status)
+        d = now - req.accepted_at
+        hist = st.duration
+        hist.buckets[bisect_left(BOUNDS, d)] += 1
+        hist.sum += d
         if w.in_policy:
             svc.policy.changed(w)
-        elif w.outstanding < w.capacity and w.counted:
+        elif w.outstanding < w.credit and w.counted:
             svc.policy.add(w)
             w.in_policy = True
         if svc.queue:
@@ -283,7 +366,8 @@ class Router:
         """The worker is leaving: no new work; what it holds may finish. Acknowledged so the
         worker knows nothing more is on its way."""
         if not w.draining:
-            log.info("worker %s is draining (%d in flight)", w.instance, w.outstanding)
+            log.info("worker %s is draining (%d in flight)", w.instance, w.outstanding,
+                     extra={"service": w.service.name, "instance": w.instance})
         w.draining = True
         self._refresh(w)
         self.sink.to_worker(w.ident, _DRAIN, None)
@@ -291,7 +375,7 @@ class Router:
     def worker_update(self, w: WorkerState, capacity: int, weight: int, now: float) -> None:
         w.capacity = capacity
         w.base_weight = weight
-        self._apply_weight(w)
+        self._apply_weight(w, now)
         self._refresh(w)
         self._pump(w.service, now)
 
@@ -301,6 +385,8 @@ class Router:
         if self.workers.get(w.ident) is not w:
             return
         del self.workers[w.ident]
+        if self.worker_keys:
+            self.worker_keys.pop(w.ident, None)
         if self.by_instance.get(w.instance) is w:
             del self.by_instance[w.instance]
         svc = w.service
@@ -308,6 +394,9 @@ class Router:
         if w.in_policy:
             svc.policy.remove(w)
             w.in_policy = False
+        svc.policy.forget(w)
+        if self._ramping.get(w.ident) is w:
+            del self._ramping[w.ident]
         if w.counted:
             svc.n_routable -= 1
             w.counted = False
@@ -320,19 +409,65 @@ class Router:
         grace_until = None if svc.n_routable else now + self.grace
         for req in reversed(held):  # reversed + push_front keeps their original order
             if not req.flags & _IDEMPOTENT:
-                self._fail(req, protocol.STATUS_WORKER_LOST, "worker lost; request not idempotent, outcome unknown")
+                self._fail(req, protocol.STATUS_WORKER_LOST, "worker lost; request not idempotent, outcome unknown", now)
             elif req.attempt + 1 >= self.max_attempts:
-                self._fail(req, protocol.STATUS_WORKER_LOST, f"worker lost on attempt {req.attempt + 1}; retry budget spent, outcome unknown")
+                self._fail(req, protocol.STATUS_WORKER_LOST, f"worker lost on attempt {req.attempt + 1}; retry budget spent, outcome unknown", now)
             elif now >= req.deadline:
-                self._fail(req, protocol.STATUS_TIMEOUT, "deadline passed; its worker was lost")
+                self._fail(req, protocol.STATUS_TIMEOUT, "deadline passed; its worker was lost", now)
             else:
                 req.attempt += 1
+                req.queued_at = now
                 svc.queue.push_front(req, grace_until)
                 requeued += 1
         self.stats.requeued += requeued
+        svc.stats.requeued += requeued
         log.info("worker %s left service %r (%s); %d requests requeued, %d failed",
-                 w.instance, svc.name, reason, requeued, len(held) - requeued)
+                 w.instance, svc.name, reason, requeued, len(held) - requeued,
+                 extra={"service": svc.name, "instance": w.instance})
         self._pump(svc, now)
+
+    # -- authorization (CURVE brokers) ------------------------------------------------------
+
+    def admit_worker(self, ident: bytes, user_id: str | None, service: str, now: float) -> bool:
+        """May the worker whose key is ``user_id`` register for ``service``? If not, it gets
+        DISCONNECT with the reason, and what it held on this connection is taken back."""
+        access = self.access
+        if access is None:
+            return True
+        why = access.worker_refusal(user_id, service)
+        if why is None:
+            return True
+        self.stats.forbidden += 1
+        old = self.workers.get(ident)
+        if old is not None:
+            self.remove_worker(old, why, now)
+        self.sink.to_worker(ident, protocol.encode_disconnect(why), None)
+        return False
+
+    def recheck_workers(self, now: float) -> int:
+        """After the keys changed (SIGHUP): every worker whose key no longer allows its service
+        is removed (what it held is requeued or failed, as for a lost worker) and told
+        DISCONNECT with the reason. Returns how many."""
+        access = self.access
+        if access is None:
+            return 0
+        n = 0
+        for ident, user_id in list(self.worker_keys.items()):
+            w = self.workers.get(ident)
+            if w is None:
+                continue
+            why = access.worker_refusal(user_id, w.service.name)
+            if why is not None:
+                self.remove_worker(w, f"key revoked: {why}", now)
+                self.sink.to_worker(ident, protocol.encode_disconnect(why), None)
+                n += 1
+        return n
+
+    def forbid(self, client: bytes, crid: int, service: str, why: str) -> None:
+        """Answer a request its client's key may not make: FORBIDDEN, counted (also per service)."""
+        self.stats.forbidden += 1
+        self.count_status(service, protocol.STATUS_FORBIDDEN)
+        self.answer(client, crid, protocol.STATUS_FORBIDDEN, why)
 
     # -- health from outside (Consul) -------------------------------------------------------
 
@@ -342,13 +477,75 @@ class Router:
         changed = w.healthy != healthy or w.health_weight != weight
         w.healthy = healthy
         w.health_weight = weight
+        if changed and w.admin_weight is not None:
+            # Consul is the source of truth: a new verdict there replaces an operator's override.
+            log.info("worker %s: Consul's new verdict replaces the weight %g set by an operator",
+                     w.instance, w.admin_weight, extra={"service": w.service.name, "instance": w.instance})
+            w.admin_weight = None
         if changed:
-            self._apply_weight(w)
+            self._apply_weight(w, now)
             self._refresh(w)
             self._pump(w.service, now)
 
-    def _apply_weight(self, w: WorkerState) -> None:
-        w.weight = w.effective_weight()
+    # -- operator actions (the broker's admin HTTP API) ----------------------------------------
+
+    def drain_worker(self, instance: str, now: float) -> WorkerState | None:
+        """Give worker ``instance`` no new work; what it holds finishes. It stays connected (it
+        did not ask to leave, so it gets no DRAIN) until it reconnects or stops. None: unknown."""
+        w = self.by_instance.get(instance)
+        if w is None:
+            return None
+        if not w.draining:
+            log.info("worker %s drained by an operator (%d in flight)", w.instance, w.outstanding,
+                     extra={"service": w.service.name, "instance": w.instance})
+        w.draining = True
+        self._refresh(w)
+        return w
+
+    def set_worker_weight(self, instance: str, weight: float, now: float) -> WorkerState | None:
+        """Override worker ``instance``'s weight (>= 0; 0 takes it out of rotation) until it
+        reconnects or Consul's verdict on it changes. None: unknown instance."""
+        if not weight >= 0:
+            raise ValueError(f"weight must be a number >= 0, got {weight!r}")
+        w = self.by_instance.get(instance)
+        if w is None:
+            return None
+        w.admin_weight = float(weight)
+        self._apply_weight(w, now)
+        self._refresh(w)
+        self._pump(w.service, now)
+        return w
+
+    def set_service_policy(self, service: str, policy: str, now: float) -> Service | None:
+        """Switch ``service`` to dispatch policy ``policy`` now (ValueError: no such policy),
+        and for the rest of this broker's life. None: no such service here."""
+        svc = self.services.get(service)
+        if svc is None:
+            return None
+        new = make_policy(policy, self.rng)
+        for w in svc.workers.values():
+            if w.in_policy:
+                new.add(w)
+        svc.policy = new
+        self.service_policies[service] = policy
+        self._pump(svc, now)
+        return svc
+
+    def _apply_weight(self, w: WorkerState, now: float) -> None:
+        """Effective weight and credits: what was declared, Consul's say, then slow start."""
+        weight = w.effective_weight()
+        credit = w.capacity
+        if w.slow_window:
+            elapsed = now - w.joined_at
+            if elapsed < w.slow_window:
+                weight = slow_weight(weight, elapsed, w.slow_window)
+                credit = slow_credit(credit, elapsed, w.slow_window)
+            else:
+                w.slow_window = 0.0
+                if self._ramping.get(w.ident) is w:
+                    del self._ramping[w.ident]
+        w.weight = weight
+        w.credit = credit
 
     def _refresh(self, w: WorkerState) -> None:
         """Bring the policy's membership and the service's routable count up to date."""
@@ -357,7 +554,7 @@ class Router:
         if routable != w.counted:
             svc.n_routable += 1 if routable else -1
             w.counted = routable
-        if routable and w.outstanding < w.capacity:
+        if routable and w.outstanding < w.credit:
             if w.in_policy:
                 svc.policy.changed(w)
             else:
@@ -378,9 +575,20 @@ class Router:
                 if not self.sink.to_worker(w.ident, _HEARTBEAT, None):
                     self.remove_worker(w, "unreachable", now)
         self.expire(now)
+        self._ramp(now)
         for name in [n for n, s in self.services.items() if not s.workers and not s.queue
                      and now - s.created_at > self.grace]:
             del self.services[name]  # a typo'd service name must not live forever
+
+    def _ramp(self, now: float) -> None:
+        """Move the workers in slow start along their ramp (more credit may free queued work)."""
+        for w in list(self._ramping.values()):
+            if self._ramping.get(w.ident) is not w:
+                continue  # removed by an earlier worker's pump (unreachable)
+            self._apply_weight(w, now)
+            self._refresh(w)
+            if w.service.queue:
+                self._pump(w.service, now)
 
     def expire(self, now: float) -> None:
         for svc in self.services.values():
@@ -390,7 +598,7 @@ class Router:
                         text = f"no worker serves {svc.name!r}"
                     else:
                         text = "deadline passed while queued"
-                    self._fail(req, status, text)
+                    self._fail(req, status, text, now)
 
     def next_timer(self) -> float | None:
         soonest: float | None = None

@@ -26,8 +26,11 @@ from zmq.utils.monitor import parse_monitor_message
 from zrouter.broker.router import Router
 
 if TYPE_CHECKING:
+    from zrouter.broker.auth import BrokerAuth
     from zrouter.broker.consul_link import ConsulLink
+    from zrouter.broker.http import BrokerHTTP
 from zrouter import protocol
+from zrouter.curve import EVENT_HANDSHAKE_FAILED
 from zrouter.transport import NOBLOCK, SNDMORE, recv_frames
 
 __all__ = ["Broker", "BrokerConfig"]
@@ -77,6 +80,14 @@ class BrokerConfig:
     broker_service: str = "zrouter-broker"
     advertise_frontend: str | None = None
     advertise_backend: str | None = None
+    slow_start: float = 0.0  # seconds over which a new worker's weight and credits ramp up; 0 = off
+    service_slow_start: dict[str, float] = field(default_factory=dict)
+    http: str | None = None  # HOST:PORT for metrics, status, dashboard and admin (None: no HTTP)
+    admin_token: str | None = None  # enables the admin actions on the HTTP side
+    # CURVE (broker/auth.py): this broker's .key_secret file turns it on for both sockets.
+    curve_secret_key: str | None = None
+    worker_keys: str | None = None  # directory of allowed workers' public .key files
+    client_keys: str | None = None  # the same for clients; None: any client key but a worker's
 
 
 class Broker:
@@ -84,7 +95,9 @@ class Broker:
 
     def __init__(self, config: BrokerConfig, context: zmq.Context[Any] | None = None) -> None:
         self.config = config
-        self.ctx = context or zmq.Context.instance()
+        # A ZAP handler is bound once per context: a CURVE broker gets a context of its own.
+        self._own_ctx = context is None and bool(config.curve_secret_key)
+        self.ctx = context or (zmq.Context() if self._own_ctx else zmq.Context.instance())
         self.router = Router(
             self,
             default_policy=config.default_policy,
@@ -94,6 +107,8 @@ class Broker:
             grace=config.grace,
             liveness_timeout=config.heartbeat_interval * config.liveness,
             liveness=config.liveness,
+            slow_start=config.slow_start,
+            service_slow_start=config.service_slow_start,
         )
         self.front: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)
         self.back: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)
@@ -103,7 +118,13 @@ class Broker:
             s.rcvhwm = 100_000
         # Sending to a vanished worker must fail loudly so its request is requeued at once.
         self.back.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.monitor = self.back.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.auth: BrokerAuth | None = None
+        # Per request, with CURVE and --client-keys only: may this client's key call the service?
+        self._client_refusal: Callable[[str | None, str], str | None] | None = None
+        if config.curve_secret_key:
+            self._secure(config)
+        self.monitor = self.back.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | (EVENT_HANDSHAKE_FAILED if self.auth is not None else 0))
         self._fd_worker: dict[int, bytes] = {}
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -121,6 +142,12 @@ class Broker:
                 self, config.consul, config.consul_token, broker_service=config.broker_service,
                 advertise_frontend=config.advertise_frontend, advertise_backend=config.advertise_backend,
             )
+        # The HTTP side runs on threads of its own and reaches the router only through call_soon.
+        self.http: BrokerHTTP | None = None
+        if config.http:
+            from zrouter.broker.http import BrokerHTTP
+
+            self.http = BrokerHTTP(self, config.http, config.admin_token, self.consul)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -129,9 +156,36 @@ class Broker:
         self.back.bind(self.config.backend)
         self.frontend_endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend_endpoint = self.back.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.http is not None:
+            self.http.bind()
         log.info("broker listening: clients on %s, workers on %s; policy %s%s",
                  self.frontend_endpoint, self.backend_endpoint, self.config.default_policy,
                  "".join(f", {s}={p}" for s, p in self.config.service_policies.items()))
+
+    def _secure(self, config: BrokerConfig) -> None:
+        from zrouter.broker.auth import BrokerAuth, Keyring
+
+        try:
+            if not config.worker_keys:
+                raise ValueError("CURVE needs worker_keys: the directory of the workers' public keys")
+            keyring = Keyring(config.worker_keys, config.client_keys)
+            self.auth = BrokerAuth(self.ctx, config.curve_secret_key or "", keyring)
+        except BaseException:
+            self._close_sockets()
+            raise
+        self.auth.secure(self.front, self.back)
+        self.router.access = keyring
+        if keyring.clients is not None:
+            self._client_refusal = keyring.client_refusal
+        log.info("%s", self.auth.describe())
+
+    def reload_keys(self) -> None:
+        """Re-read the CURVE key directories (SIGHUP; on the loop's thread, via call_soon) and
+        disconnect the workers whose key no longer allows their service."""
+        if self.auth is not None and self.auth.keyring.reload():
+            n = self.router.recheck_workers(time.monotonic())
+            if n:
+                log.warning("disconnected %d worker(s) whose key was revoked or limited", n)
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from a signal handler or another thread)."""
@@ -150,11 +204,21 @@ class Broker:
             pass  # already awake, or closing
 
     def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
         self.back.disable_monitor()
-        for s in (self.monitor, self.front, self.back):
-            s.close()
+        self.monitor.close()
+        self._close_sockets()
         self._wake_r.close()
         self._wake_w.close()
+
+    def _close_sockets(self) -> None:
+        for s in (self.front, self.back):
+            s.close()
+        if self.auth is not None:
+            self.auth.close()  # after the broker's sockets: no handshake may pass without it
+        if self._own_ctx:
+            self.ctx.term()
 
     # -- sink (called by the router) --------------------------------------------------------
 
@@ -204,6 +268,8 @@ class Broker:
         stop_by: float | None = None
         if self.consul is not None:
             self.consul.start()
+        if self.http is not None:
+            self.http.start()
         self.ready.set()
         while True:
             now = time.monotonic()
@@ -247,6 +313,8 @@ class Broker:
                 next_beat = now + cfg.heartbeat_interval
                 if now >= next_stats:
                     stats = router.stats.as_dict()
+                    if self.auth is not None:  # CURVE refusals, by kind (see broker/auth.py)
+                        stats.update({f"refused_{k}": v for k, v in self.auth.keyring.refusals.items()})
                     if stats != last_stats:
                         log.info("stats: %s; %d workers, %d in flight", stats, len(router.workers),
                                  router.inflight_count())
@@ -255,6 +323,8 @@ class Broker:
             elif timer is not None and now >= timer:
                 router.expire(now)
         router.abandon_inflight()
+        if self.http is not None:
+            self.http.close()
         if self.consul is not None:
             self.consul.stop()
         log.info("broker stopped: %s", router.stats.as_dict())
@@ -284,6 +354,8 @@ class Broker:
                 w = self.router.workers.get(ident) if ident is not None else None
                 if w is not None:
                     self.router.remove_worker(w, "connection closed", now)
+            elif self.auth is not None:
+                self.auth.keyring.handshake_failed("workers", int(event["event"]), int(event["value"]))
 
     def _drain_backend(self, now: float) -> bool:
         """Handle up to BATCH worker messages; True if there may be more."""
@@ -296,6 +368,7 @@ class Broker:
             try:
                 self._on_worker_message(frames, now)
             except protocol.BadMessage as exc:
+                self.router.count_bad("backend", exc.kind)
                 log.warning("bad message from worker %s: %s", frames[0].bytes.hex(), exc)
         return True
 
@@ -323,11 +396,17 @@ class Broker:
             if w is None:
                 self._disconnect(ident, "heartbeat from an unknown worker")
         elif kind is protocol.Ready:
+            ready: protocol.Ready = msg  # type: ignore[assignment]
+            user_id = None
+            if self.auth is not None:  # CURVE: the worker's public key, as ZAP vouched for it
+                user_id = str(frames[0].get("User-Id"))
+                if not router.admit_worker(ident, user_id, ready.service, now):
+                    return
             # Events queued before this connection's first message belong to older connections
             # (maybe on this same fd number): handle them first so they cannot hit this worker.
             self._drain_monitor(now)
             fd = frames[0].get(_SRCFD)
-            router.worker_ready(ident, msg, now, fd)  # type: ignore[arg-type]
+            router.worker_ready(ident, ready, now, fd, user_id)
             self._fd_worker[fd] = ident
         elif w is None:
             self._disconnect(ident, f"{kind.__name__.upper()} from an unknown worker")
@@ -343,6 +422,7 @@ class Broker:
             router.worker_update(w, u.capacity, u.weight, now)
 
     def _disconnect(self, ident: bytes, why: str) -> None:
+        self.router.count_bad("backend", "unknown_worker")
         log.info("asking worker %s to reconnect: %s", ident.hex(), why)
         self.to_worker(ident, protocol.encode_disconnect(why), None)
 
@@ -351,6 +431,7 @@ class Broker:
         request = self.router.request
         max_size = self.config.max_message_size
         decode = protocol.decode_request
+        refusal = self._client_refusal
         for _ in range(BATCH):
             try:
                 frames = recv_frames(front, NOBLOCK)
@@ -364,12 +445,19 @@ class Broker:
                 payload = frames[3]
                 if len(payload) > max_size:
                     self.router.stats.bad += 1
+                    self.router.count_bad("frontend", "too_large")
+                    self.router.count_status(req.service, protocol.STATUS_TOO_LARGE)
                     self.router.answer(frames[0].bytes, req.rid, protocol.STATUS_TOO_LARGE,
                                        f"payload of {len(payload)} bytes is over the limit of {max_size}")
                     continue
                 key = req.key
                 if isinstance(key, str):
                     key = key.encode()
+                if refusal is not None:
+                    why = refusal(str(frames[0].get("User-Id")), req.service)
+                    if why is not None:
+                        self.router.forbid(frames[0].bytes, req.rid, req.service, why)
+                        continue
                 request(frames[0].bytes, req.rid, req.service, req.timeout_ms, req.attempt, req.flags, key,
                         payload, now)
             except protocol.BadMessage as exc:
@@ -377,6 +465,8 @@ class Broker:
 
     def _bad_request(self, frames: list[zmq.Frame], exc: protocol.BadMessage) -> None:
         self.router.stats.bad += 1
+        self.router.count_bad("frontend", exc.kind)
+        self.router.count_status("", protocol.STATUS_BAD_REQUEST)  # no trustworthy service name: ""
         client = frames[0].bytes
         log.warning("bad request from client %s: %s", client.hex(), exc)
         self.router.answer(client, exc.rid, protocol.STATUS_BAD_REQUEST, f"bad request: {exc}")

@@ -18,6 +18,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Final
 
 from zrouter import protocol
+from zrouter.broker.counters import ServiceStats
 
 if TYPE_CHECKING:
     from zrouter.broker.policies.base import Policy
@@ -34,6 +35,8 @@ class Request:
     """A request the broker has accepted and owes its client exactly one reply for."""
 
     __slots__ = (
+        "accepted_at",
+        "queued_at",
         "attempt",
         "client",
         "crid",
@@ -59,7 +62,10 @@ class Request:
         flags: int,
         key: bytes | None,
         payload: Any,
+        now: float = 0.0,
     ) -> None:
+        self.accepted_at = now  # for zrouter_request_duration_seconds
+        self.queued_at = now  # last time it entered the queue, for zrouter_queue_wait_seconds
         self.rid = 0  # the broker's id, new for every dispatch so a late reply cannot match
         self.client = client
         self.crid = crid  # the client's own id, echoed in the reply
@@ -79,25 +85,28 @@ class WorkerState:
     """One connected worker as the broker sees it; also the policies' ``Endpoint``."""
 
     __slots__ = (
+        "admin_weight",
         "base_weight",
         "capacity",
         "counted",
+        "credit",
         "draining",
-        "ewma",
-        "ewma_at",
         "fd",
         "health_weight",
         "healthy",
         "ident",
         "in_policy",
         "inflight",
+        "joined_at",
         "key",
+        "latency_ewma",
         "last_seen",
         "meta",
         "outstanding",
         "served",
         "service",
         "silence_limit",
+        "slow_window",
         "weight",
     )
 
@@ -113,13 +122,16 @@ class WorkerState:
         self.ident = ident
         self.key = (meta.get("instance") or ident.hex()).encode()
         self.service = service
-        self.capacity = capacity
+        self.capacity = capacity  # what the worker declared (READY, UPDATE)
+        self.credit = capacity  # what the broker may have outstanding at it now (slow start)
         self.outstanding = 0
         self.base_weight = weight  # what the worker declared (or Consul's Weights.Passing)
         self.health_weight: float | None = None  # Consul's say: None = no opinion / no Consul
-        self.weight = float(weight)
-        self.ewma = 0.0
-        self.ewma_at = now
+        self.admin_weight: float | None = None  # an operator's override (PUT .../weight)
+        self.weight = float(weight)  # effective: an operator's or Consul's say, then slow start
+        self.joined_at = now
+        self.slow_window = 0.0  # seconds of slow start, while it lasts (0: at full credit and weight)
+        self.latency_ewma = 0.0  # s, for /status: EWMA of reply latency, LATENCY_ALPHA per reply
         self.last_seen = now
         self.draining = False
         self.healthy = True  # False while Consul says critical, maintenance or deregistered
@@ -136,6 +148,8 @@ class WorkerState:
         return self.key.decode()
 
     def effective_weight(self) -> float:
+        if self.admin_weight is not None:
+            return self.admin_weight
         return float(self.base_weight) if self.health_weight is None else self.health_weight
 
     def routable(self) -> bool:
@@ -143,7 +157,7 @@ class WorkerState:
         return not self.draining and self.healthy and self.weight > 0
 
     def eligible(self) -> bool:
-        return self.outstanding < self.capacity and not self.draining and self.healthy and self.weight > 0
+        return self.outstanding < self.credit and not self.draining and self.healthy and self.weight > 0
 
     def __repr__(self) -> str:
         return f"<worker {self.instance} {self.service.name} {self.outstanding}/{self.capacity}>"
@@ -152,9 +166,11 @@ class WorkerState:
 class Service:
     """A service name with its workers, its policy and its wait queue."""
 
-    __slots__ = ("created_at", "n_routable", "name", "policy", "queue", "workers")
+    __slots__ = ("created_at", "n_routable", "name", "policy", "queue", "stats", "workers")
 
-    def __init__(self, name: str, policy: Policy, queue: ServiceQueue, now: float) -> None:
+    def __init__(
+        self, name: str, policy: Policy, queue: ServiceQueue, now: float, stats: ServiceStats | None = None
+    ) -> None:
         self.name = name
         self.policy = policy
         self.queue = queue
@@ -163,6 +179,7 @@ class Service:
         # Workers that could serve a request now or once they have a free credit; kept as a
         # count so deciding "unavailable" never scans the workers.
         self.n_routable = 0
+        self.stats = stats or ServiceStats(name)  # counters for metrics; outlive this record
 
 
 _SEQ: Final = itertools.count()  # heap tie-breaker: requests themselves are not comparable

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-import sys
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import zmq
+
+from zrouter.curve import EVENT_HANDSHAKE_FAILED, ClientKeys, HandshakeWatch, apply_client, parse_event
 
 __all__ = [
     "DEFAULT_HEARTBEAT",
@@ -32,6 +33,8 @@ DEFAULT_HEARTBEAT: Final = 1.0  # seconds between ZMTP pings; a silent broker is
 
 EVENT_UP: Final = int(zmq.EVENT_HANDSHAKE_SUCCEEDED)
 EVENT_DOWN: Final = int(zmq.EVENT_DISCONNECTED) | int(zmq.EVENT_MONITOR_STOPPED)
+# A refused handshake (CURVE key, mechanism mismatch): requests must fail, not wait for it.
+EVENT_REFUSED: Final = EVENT_HANDSHAKE_FAILED
 
 # Monitor endpoints must be unique per process: pyzmq's default name reuses the socket's fd,
 # which a just-closed socket may still hold in the reaper when a new broker is added.
@@ -40,11 +43,16 @@ _monitor_seq = itertools.count()
 SocketFactory = Callable[[str], tuple[Any, Any]]
 
 
-def open_broker_sockets(ctx: zmq.Context[Any], endpoint: str, heartbeat: float | None) -> tuple[Any, Any]:
-    """A DEALER connected to ``endpoint`` and the PAIR socket receiving its monitor events."""
+def open_broker_sockets(
+    ctx: zmq.Context[Any], endpoint: str, heartbeat: float | None, curve: ClientKeys | None = None
+) -> tuple[Any, Any]:
+    """A DEALER connected to ``endpoint`` (a CURVE client with ``curve``) and the PAIR socket
+    receiving its monitor events."""
     sock = ctx.socket(zmq.DEALER)
     try:
         sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            apply_client(sock, curve)
         # Without IMMEDIATE a DEALER queues messages for a peer that is not connected yet, so
         # a request could sit unseen in a dead broker's pipe instead of going to a live one.
         sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -60,7 +68,7 @@ def open_broker_sockets(ctx: zmq.Context[Any], endpoint: str, heartbeat: float |
             sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
         addr = f"inproc://zrouter.client.monitor.{next(_monitor_seq)}"
-        monitor = sock.get_monitor_socket(EVENT_UP | EVENT_DOWN, addr)
+        monitor = sock.get_monitor_socket(EVENT_UP | EVENT_DOWN | EVENT_REFUSED, addr)
     except BaseException:
         sock.close(0)
         raise
@@ -87,13 +95,17 @@ def normalize_brokers(broker: str | Iterable[str]) -> list[str]:
 class BrokerConn:
     """One broker endpoint: its DEALER, the monitor that tells when it is up, and its load."""
 
-    __slots__ = ("closed", "endpoint", "monitor", "pending", "removed", "sock", "up")
+    __slots__ = ("closed", "endpoint", "monitor", "pending", "refused", "refused_at", "removed", "sock", "up",
+                 "watch")
 
     def __init__(self, endpoint: str, sock: Any, monitor: Any) -> None:
         self.endpoint = endpoint
         self.sock = sock
         self.monitor = monitor
         self.up = False  # set by the monitor's handshake event, cleared by its disconnect event
+        self.refused: str | None = None  # why the broker refused the last handshake (until one succeeds)
+        self.refused_at = 0.0
+        self.watch = HandshakeWatch()
         self.pending = 0  # requests sent on this connection and not yet settled
         self.removed = False  # removed: no new requests, closed once pending drains
         self.closed = False
@@ -211,11 +223,20 @@ class BrokerSet:
                     self.draining.remove(conn)
                 self._close(conn)
 
-    def event(self, conn: BrokerConn, event: int, now: float) -> None:
+    def event(self, conn: BrokerConn, event: int, now: float, value: int = 0) -> None:
         """Apply one monitor event to ``conn``'s state and tell the owner about changes."""
         if conn.closed:
             return
+        why = conn.watch.feed(event, value)
+        if why is not None:
+            if conn.refused is None:
+                log.error("broker %s refused this client: %s", conn.endpoint, why)
+            conn.refused = why
+            conn.refused_at = now
+            self._on_down(conn, now)  # the owner fails what waits for a broker if none is left
+            return
         if event & EVENT_UP:
+            conn.refused = None
             if not conn.up:
                 conn.up = True
                 log.info("broker %s connected", conn.endpoint)
@@ -236,7 +257,8 @@ class BrokerSet:
                 return
             if len(msg) == 2 and len(msg[0]) == 6:
                 # First frame: uint16 event id, int32 value, native byte order.
-                self.event(conn, int.from_bytes(msg[0][:2], sys.byteorder), now)
+                event, value = parse_event(msg)
+                self.event(conn, event, now, value)
 
     def read_monitors(self, now: float) -> None:
         for conn in [*self.conns.values(), *self.draining]:

@@ -84,7 +84,7 @@ class InlineEngine(Engine):
         self._ident = threading.get_ident()
         super()._loop()
 
-    def _accept(self, job: Job) -> None:
+    def _accept(self, job: Job, now: float) -> None:
         self.running += 1  # queued counts as running: status() and the tests see what is held
         self._queue.append(job)
 

@@ -325,3 +325,19 @@ def test_a_worker_heartbeating_slower_than_the_broker_gets_a_longer_silence_limi
     assert set(r.workers) == {b"slow"}
     r.tick(3.1, heartbeat=False)
     assert r.workers == {}
+
+
+def test_replies_report_latency_to_the_policy_and_a_lost_worker_is_forgotten() -> None:
+    """The completion hook: the router tells the policy each reply's latency (it keeps no EWMA
+    of its own) and tells it when a worker is gone for good."""
+    from zrouter.broker.policies.p2c_ewma import P2CEwma
+
+    r, sink = make("p2c-ewma")
+    w = ready(r, b"w1", capacity=1)
+    policy = r.services["svc"].policy
+    assert isinstance(policy, P2CEwma)
+    send(r, 1, now=1.0)
+    reply(r, b"w1", sink.requests_to(b"w1")[0][1], now=1.25)  # full until this reply
+    assert policy.latency.ewma(w) == pytest.approx(0.25)
+    r.remove_worker(w, "test", 2.0)
+    assert len(policy.latency) == 0
