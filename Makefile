@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration bench consul prometheus chromium clean
+.PHONY: demo test lint unit integration bench consul prometheus chromium clean fuzz
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ unit: $(STAMP)
 
 consul:
 	scripts/get-consul >/dev/null
+
+# A million or more hostile inputs (sockets and in-process decoders), new seed; prints the counts.
+fuzz: $(STAMP)
+	$(PY) -m bench.fuzz
 
 # The real Prometheus server that scrapes a broker in tests/integration/test_observe_prometheus.py
 # (Debian's package, unpacked into .cache/), and the real Chromium that Playwright drives in

@@ -14,6 +14,8 @@ Invariants the tests check:
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import random
 from bisect import bisect_left
@@ -30,7 +32,7 @@ from zrouter.broker.state import ServiceQueue
 from zrouter.broker.state import DONE, INFLIGHT, Request, Service, WorkerState
 from zrouter import protocol
 
-__all__ = ["Access", "Router", "Sink", "Stats"]
+__all__ = ["Access", "Refused", "Router", "Sink", "Stats"]
 
 log = logging.getLogger("zrouter.broker")
 
@@ -41,6 +43,17 @@ _IDEMPOTENT: Final = protocol.FLAG_IDEMPOTENT
 _HEARTBEAT: Final = protocol.encode_heartbeat()
 _DRAIN: Final = protocol.encode_drain()
 _STATUS_OK: Final = protocol.STATUS_OK
+_SHUTTING_DOWN: Final = protocol.encode_disconnect("shutting down")
+
+
+class Refused(Exception):
+    """A READY the broker will not register. The text is the DISCONNECT reason to send back (in
+    the protocol's words, never quoting more than a bounded field); ``kind`` labels the refusal
+    for the bad-message counters (None: not the peer's fault, e.g. the broker is stopping)."""
+
+    def __init__(self, kind: str | None, text: str) -> None:
+        super().__init__(text)
+        self.kind = kind
 
 
 class Sink(Protocol):
@@ -130,6 +143,10 @@ class Router:
         # CURVE brokers: who may serve what, and each worker's key (to re-check on reload).
         self.access: Access | None = None
         self.worker_keys: dict[bytes, str] = {}
+        # Heartbeats to workers, each at its own interval: (due, seq, worker), stale entries
+        # (worker gone or rescheduled) skipped when popped and shed when they outnumber the live.
+        self._beats: list[tuple[float, int, WorkerState]] = []
+        self._beat_seq = itertools.count()
 
     # -- services ---------------------------------------------------------------------------
 
@@ -195,7 +212,7 @@ class Router:
         if not svc.queue.push(req, now, grace_until):
             self.stats.overloaded += 1
             svc.stats.counts[protocol.STATUS_OVERLOADED] += 1
-            self.answer(client, crid, protocol.STATUS_OVERLOADED, f"queue of {service!r} is full")
+            self.answer(client, crid, protocol.STATUS_OVERLOADED, f"the queue of service {service} is full")
 
     def answer(self, client: bytes, crid: int, status: int, message: str) -> None:
         self.sink.to_client(client, protocol.encode_reply(crid, status, 0, message), b"")
@@ -260,23 +277,42 @@ class Router:
     def worker_ready(
         self, ident: bytes, ready: protocol.Ready, now: float, fd: int = -1, user_id: str | None = None
     ) -> WorkerState:
-        """A worker registers (``user_id``: its CURVE key, already checked by :meth:`admit_worker`)."""
+        """Register the worker on connection ``ident`` (a worker is its connection; ``user_id``:
+        its CURVE key, already checked by :meth:`admit_worker`).
+
+        A READY identical to the connection's current registration changes nothing (a worker
+        may repeat it); a different one replaces it (what the worker held is requeued). A READY
+        naming the ``meta.instance`` of another registered connection replaces that one only if
+        it has been silent for two of its heartbeat intervals (its worker reconnecting after
+        losing it); while the other is heard from, the READY is refused, so nobody can evict a
+        live worker by naming it. Raises :class:`Refused` with the reason for the DISCONNECT.
+        """
+        if not self.accepting:
+            raise Refused(None, "broker is shutting down")
         old = self.workers.get(ident)
         if old is not None:
+            if old.declared == ready:
+                old.last_seen = now
+                return old
             self.remove_worker(old, "sent READY again", now)
+        instance = ready.meta.get("instance") or ident.hex()
+        other = self.by_instance.get(instance)
+        if other is not None and self.workers.get(other.ident) is other:
+            if now - other.last_seen < 2 * other.heartbeat:
+                raise Refused("instance_in_use", f"instance {instance} is registered on another live connection")
+            self.remove_worker(other, "replaced by a new connection of the same instance", now)
         if user_id is not None:
             self.worker_keys[ident] = user_id
         svc = self.service(ready.service, now)
         w = WorkerState(ident, svc, ready.capacity, ready.weight, ready.meta, now)
         w.fd = fd
-        stale = self.by_instance.get(w.instance)
-        if stale is not None and stale.ident in self.workers:
-            # Same instance on a new connection (it reconnected before we noticed it left).
-            self.remove_worker(stale, "replaced by a new connection of the same instance", now)
-        w.silence_limit = self._silence_limit(w)
+        w.declared = ready
+        w.heartbeat = self._heartbeat_of(ready)
+        w.silence_limit = w.heartbeat * self.liveness
         self.workers[ident] = w
         self.by_instance[w.instance] = w
         svc.workers[ident] = w
+        self._schedule_beat(w, now + w.heartbeat)
         self.stats.workers_joined += 1
         if self.on_join is not None:
             self.on_join(w, now)
@@ -294,19 +330,47 @@ class Router:
         self._pump(svc, now)
         return w
 
-    def _silence_limit(self, w: WorkerState) -> float:
-        """The broker's liveness timeout, stretched for a worker that heartbeats more slowly, so a
-        misconfigured pair degrades to slower failure detection instead of endless reconnects."""
-        try:
-            theirs = int(w.meta.get("heartbeat_ms", "0")) / 1000.0
-        except ValueError:
-            theirs = 0.0
-        ours = self.liveness_timeout / self.liveness
-        if theirs and abs(theirs - ours) > 1e-3:
-            log.warning("worker %s heartbeats every %.3gs but this broker every %.3gs: use one --heartbeat "
-                        "for both (a worker expecting faster heartbeats will keep reconnecting)",
-                        w.instance, theirs, ours)
-        return max(self.liveness_timeout, theirs * self.liveness)
+    def _heartbeat_of(self, ready: protocol.Ready) -> float:
+        """The interval a worker is judged by and heartbeated at: the one it declared (READY
+        ``meta.heartbeat_ms``, range-checked by the decoder), else the broker's own. So a
+        worker and a broker configured differently neither flap nor need to agree."""
+        if ready.heartbeat_ms is not None:
+            return ready.heartbeat_ms / 1000.0
+        return self.liveness_timeout / self.liveness
+
+    def _schedule_beat(self, w: WorkerState, at: float) -> None:
+        w.beat_at = at
+        beats = self._beats
+        heapq.heappush(beats, (at, next(self._beat_seq), w))
+        if len(beats) > 2 * len(self.workers) + 64:  # READY/leave churn: shed the stale entries
+            live = [(x.beat_at, next(self._beat_seq), x) for x in self.workers.values()]
+            heapq.heapify(live)
+            self._beats = live
+
+    def next_heartbeat(self) -> float | None:
+        """When the next heartbeat to a worker is due (for the poll timeout); None: no workers."""
+        beats = self._beats
+        workers = self.workers
+        while beats:
+            at, _, w = beats[0]
+            if workers.get(w.ident) is w and w.beat_at == at:
+                return at
+            heapq.heappop(beats)
+        return None
+
+    def send_heartbeats(self, now: float) -> None:
+        """HEARTBEAT every worker whose interval is up (each at its own interval)."""
+        beats = self._beats
+        workers = self.workers
+        while beats and beats[0][0] <= now:
+            at, _, w = heapq.heappop(beats)
+            if workers.get(w.ident) is not w or w.beat_at != at:
+                continue
+            if not self.sink.to_worker(w.ident, _HEARTBEAT, None):
+                self.remove_worker(w, "unreachable", now)
+                continue
+            nxt = at + w.heartbeat
+            self._schedule_beat(w, nxt if nxt > now else now + w.heartbeat)
 
     def seen(self, ident: bytes, now: float) -> WorkerState | None:
         """Any message from a worker proves it alive; None if we do not know it."""
@@ -370,14 +434,25 @@ class Router:
                      extra={"service": w.service.name, "instance": w.instance})
         w.draining = True
         self._refresh(w)
+        self._grace_if_unserved(w.service, now)
         self.sink.to_worker(w.ident, _DRAIN, None)
 
     def worker_update(self, w: WorkerState, capacity: int, weight: int, now: float) -> None:
         w.capacity = capacity
         w.base_weight = weight
+        if isinstance(w.declared, protocol.Ready):
+            w.declared = w.declared._replace(capacity=capacity, weight=weight)
         self._apply_weight(w, now)
         self._refresh(w)
+        self._grace_if_unserved(w.service, now)
         self._pump(w.service, now)
+
+    def _grace_if_unserved(self, svc: Service, now: float) -> None:
+        """With no routable worker left, the queued requests get the grace period a new
+        request would: answered together (UNAVAILABLE) when it ends if nobody came back, like
+        the requests the last worker held, instead of each waiting out its own deadline."""
+        if not svc.n_routable and svc.queue:
+            svc.queue.start_grace(now + self.grace)
 
     def remove_worker(self, w: WorkerState, reason: str, now: float) -> None:
         """Forget a worker and take back what it held: idempotent requests with attempts and time
@@ -407,6 +482,7 @@ class Router:
         w.outstanding = 0
         requeued = 0
         grace_until = None if svc.n_routable else now + self.grace
+        self._grace_if_unserved(svc, now)
         for req in reversed(held):  # reversed + push_front keeps their original order
             if not req.flags & _IDEMPOTENT:
                 self._fail(req, protocol.STATUS_WORKER_LOST, "worker lost; request not idempotent, outcome unknown", now)
@@ -567,13 +643,12 @@ class Router:
     # -- time -------------------------------------------------------------------------------
 
     def tick(self, now: float, heartbeat: bool = True) -> None:
-        """Expire queued requests and silent workers; send heartbeats when asked."""
+        """Expire queued requests and silent workers (each judged by its own interval); send the
+        heartbeats that are due when asked."""
         for w in [w for w in self.workers.values() if now - w.last_seen > w.silence_limit]:
             self.remove_worker(w, f"no heartbeat for {now - w.last_seen:.1f}s", now)
         if heartbeat:
-            for w in list(self.workers.values()):
-                if not self.sink.to_worker(w.ident, _HEARTBEAT, None):
-                    self.remove_worker(w, "unreachable", now)
+            self.send_heartbeats(now)
         self.expire(now)
         self._ramp(now)
         for name in [n for n, s in self.services.items() if not s.workers and not s.queue
@@ -595,7 +670,7 @@ class Router:
             if svc.queue:
                 for req, status in svc.queue.expire(now, unavailable=not svc.n_routable):
                     if status == protocol.STATUS_UNAVAILABLE:
-                        text = f"no worker serves {svc.name!r}"
+                        text = f"no worker serves service {svc.name}"
                     else:
                         text = "deadline passed while queued"
                     self._fail(req, status, text, now)
@@ -609,12 +684,23 @@ class Router:
                     soonest = t
         return soonest
 
-    def shutdown(self) -> None:
-        """Stop accepting; answer every queued request (nothing will serve it here)."""
+    def shutdown(self, now: float = 0.0) -> None:
+        """Stop accepting; answer every queued request (nothing will serve it here); tell the
+        idle workers DISCONNECT "shutting down" so they reconnect (with back-off) at once rather
+        than after ``liveness`` intervals of silence. Workers still holding requests are told by
+        :meth:`disconnect_all` once those are answered; new READYs are refused meanwhile."""
         self.accepting = False
         for svc in self.services.values():
             for req in svc.queue.drain_all():
                 self._fail(req, protocol.STATUS_UNAVAILABLE, "broker is shutting down")
+        for w in [w for w in self.workers.values() if not w.outstanding]:
+            self.sink.to_worker(w.ident, _SHUTTING_DOWN, None)
+            self.remove_worker(w, "broker shutting down", now)
+
+    def disconnect_all(self) -> None:
+        """At exit: DISCONNECT "shutting down" to every worker still registered."""
+        for w in self.workers.values():
+            self.sink.to_worker(w.ident, _SHUTTING_DOWN, None)
 
     def abandon_inflight(self) -> None:
         """At exit: whatever workers still hold gets "outcome unknown"."""

@@ -23,7 +23,7 @@ import msgpack
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from zrouter.broker.router import Router
+from zrouter.broker.router import Refused, Router
 
 if TYPE_CHECKING:
     from zrouter.broker.auth import BrokerAuth
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from zrouter.broker.http import BrokerHTTP
 from zrouter import protocol
 from zrouter.curve import EVENT_HANDSHAKE_FAILED
+from zrouter.ratelimit import RateLimiter
 from zrouter.transport import NOBLOCK, SNDMORE, recv_frames
 
 __all__ = ["Broker", "BrokerConfig"]
@@ -59,6 +60,19 @@ _DISCONNECT: Final = protocol.DISCONNECT
 _UPDATE: Final = protocol.UPDATE
 _unpackb: Callable[..., Any] = msgpack.unpackb
 _SRCFD: Final = int(zmq.SRCFD)
+
+# Hostile input (docs/protocol.md, "Limits"): the ports, as the bad-message counters name them,
+# and the pace of what a peer can make the broker log: per peer a few lines at once, then one
+# every LOG_PEER_EVERY seconds; over all peers LOG_ALL_RATE a second. The buckets are bounded
+# (PACED_PEERS), so are the DISCONNECTs to peers the broker does not know (one per heartbeat
+# interval each, docs/protocol.md "DISCONNECT").
+FRONTEND: Final = "frontend"
+BACKEND: Final = "backend"
+LOG_PEER_BURST: Final = 3
+LOG_PEER_EVERY: Final = 10.0
+LOG_ALL_BURST: Final = 50
+LOG_ALL_RATE: Final = 5.0
+PACED_PEERS: Final = 10_000
 
 
 @dataclass
@@ -131,6 +145,11 @@ class Broker:
         self._wake_w.setblocking(False)
         self._inbox: collections.deque[Callable[[], None]] = collections.deque()
         self._stopping = False
+        self._stop_by: float | None = None
+        self._log_peer = RateLimiter(1.0 / LOG_PEER_EVERY, LOG_PEER_BURST, PACED_PEERS)
+        self._log_all = RateLimiter(LOG_ALL_RATE, LOG_ALL_BURST, 1)
+        self._disconnects = RateLimiter(1.0 / config.heartbeat_interval, 1, PACED_PEERS)
+        self.loop_errors = 0  # turns of the loop that raised (each a bug, logged with its traceback)
         self.frontend_endpoint = ""
         self.backend_endpoint = ""
         self.ready = threading.Event()
@@ -248,6 +267,27 @@ class Broker:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> None:
+        """Serve until :meth:`stop` has been called and what workers held is answered (or the
+        shutdown grace is over). Each message is handled in isolation; should anything else in
+        a turn of the loop raise (a bug), it is logged with its traceback at a bounded pace,
+        counted in ``loop_errors``, and the loop goes on."""
+        while True:
+            try:
+                self._serve()
+                break
+            except Exception:
+                self.loop_errors += 1
+                self._log_paced(b"", "loop", logging.ERROR, "broker loop error (serving on)", exc_info=True)
+        router = self.router
+        router.abandon_inflight()
+        router.disconnect_all()  # "shutting down": they reconnect, with back-off, at once
+        if self.http is not None:
+            self.http.close()
+        if self.consul is not None:
+            self.consul.stop()
+        log.info("broker stopped: %s", router.stats.as_dict())
+
+    def _serve(self) -> None:
         if not self.frontend_endpoint:
             self.bind()
         cfg = self.config
@@ -265,10 +305,10 @@ class Broker:
         next_beat = time.monotonic() + cfg.heartbeat_interval
         next_stats = time.monotonic() + cfg.stats_interval
         last_stats: dict[str, int] = {}
-        stop_by: float | None = None
-        if self.consul is not None:
+        stop_by = self._stop_by  # kept across a restart of this loop after an error
+        if self.consul is not None and not self.ready.is_set():
             self.consul.start()
-        if self.http is not None:
+        if self.http is not None and not self.ready.is_set():
             self.http.start()
         self.ready.set()
         while True:
@@ -276,14 +316,17 @@ class Broker:
             if self._stopping and stop_by is None:
                 log.info("broker stopping: answering queued requests, waiting up to %.1fs for %d in flight",
                          cfg.shutdown_grace, router.inflight_count())
-                router.shutdown()
-                stop_by = now + cfg.shutdown_grace
+                self._stop_by = stop_by = now + cfg.shutdown_grace
+                router.shutdown(now)
             if stop_by is not None and (now >= stop_by or not router.inflight_count()):
                 break
             wake = next_beat
             timer = router.next_timer()
             if timer is not None and timer < wake:
                 wake = timer
+            beat = router.next_heartbeat()  # each worker is heartbeated at its own interval
+            if beat is not None and beat < wake:
+                wake = beat
             if stop_by is not None and stop_by < wake:
                 wake = stop_by
             if now < back_at and router.idle():
@@ -309,6 +352,10 @@ class Broker:
             if events.get(self._wake_r.fileno()):
                 self._drain_inbox()
             if now >= next_beat:
+                # Judge silence on what has arrived: when idle the back end is read lazily.
+                for _ in range(16):
+                    if not self._drain_backend(now):
+                        break
                 router.tick(now)
                 next_beat = now + cfg.heartbeat_interval
                 if now >= next_stats:
@@ -322,12 +369,7 @@ class Broker:
                     next_stats = now + cfg.stats_interval
             elif timer is not None and now >= timer:
                 router.expire(now)
-        router.abandon_inflight()
-        if self.http is not None:
-            self.http.close()
-        if self.consul is not None:
-            self.consul.stop()
-        log.info("broker stopped: %s", router.stats.as_dict())
+            router.send_heartbeats(now)
 
     def _drain_inbox(self) -> None:
         try:
@@ -368,8 +410,9 @@ class Broker:
             try:
                 self._on_worker_message(frames, now)
             except protocol.BadMessage as exc:
-                self.router.count_bad("backend", exc.kind)
-                log.warning("bad message from worker %s: %s", frames[0].bytes.hex(), exc)
+                self._bad_worker_message(frames[0].bytes, exc, now)
+            except Exception:  # a bug met by this one message: it alone fails
+                self._message_failed(BACKEND, frames[0].bytes, 0, now)
         return True
 
     def _on_worker_message(self, frames: list[zmq.Frame], now: float) -> None:
@@ -380,7 +423,7 @@ class Broker:
             w.last_seen = now
         if len(frames) == 3 and frames[2].bytes == _HEARTBEAT_HEADER and frames[1].bytes == _SIG:
             if w is None:  # skip msgpack for the most common message of an idle broker
-                self._disconnect(ident, "heartbeat from an unknown worker")
+                self._unknown_worker(ident, "HEARTBEAT", now)
             return
         protocol.check_frames(frames, 1)
         msg = protocol.decode_worker_message(frames[2].buffer)
@@ -388,13 +431,13 @@ class Broker:
         kind = type(msg)
         if kind is protocol.Reply:
             if w is None:
-                self._disconnect(ident, "reply from an unknown worker")
+                self._unknown_worker(ident, "REPLY", now)
                 return
             r: protocol.Reply = msg  # type: ignore[assignment]
             router.worker_reply(w, r.rid, r.status, r.flags, r.message, r.error_type, frames[3], now)
         elif kind is protocol.Heartbeat:
             if w is None:
-                self._disconnect(ident, "heartbeat from an unknown worker")
+                self._unknown_worker(ident, "HEARTBEAT", now)
         elif kind is protocol.Ready:
             ready: protocol.Ready = msg  # type: ignore[assignment]
             user_id = None
@@ -406,10 +449,18 @@ class Broker:
             # (maybe on this same fd number): handle them first so they cannot hit this worker.
             self._drain_monitor(now)
             fd = frames[0].get(_SRCFD)
-            router.worker_ready(ident, ready, now, fd, user_id)
+            try:
+                router.worker_ready(ident, ready, now, fd, user_id)
+            except Refused as exc:
+                if exc.kind is not None:
+                    router.count_bad(BACKEND, exc.kind)
+                    self._log_paced(ident, BACKEND, logging.WARNING, "READY refused from worker %s: %s",
+                                    _peer(ident), exc)
+                self._disconnect(ident, f"READY refused: {exc}", now)
+                return
             self._fd_worker[fd] = ident
         elif w is None:
-            self._disconnect(ident, f"{kind.__name__.upper()} from an unknown worker")
+            self._unknown_worker(ident, kind.__name__.upper(), now)
         elif kind is protocol.Drain:
             router.worker_drain(w, now)
         elif kind is protocol.Disconnect:
@@ -421,10 +472,68 @@ class Broker:
             u: protocol.Update = msg  # type: ignore[assignment]
             router.worker_update(w, u.capacity, u.weight, now)
 
-    def _disconnect(self, ident: bytes, why: str) -> None:
-        self.router.count_bad("backend", "unknown_worker")
-        log.info("asking worker %s to reconnect: %s", ident.hex(), why)
+    def _unknown_worker(self, ident: bytes, what: str, now: float) -> None:
+        """A message other than READY from a connection the broker does not know: counted, and
+        answered DISCONNECT (paced)."""
+        self.router.count_bad(BACKEND, "unknown_worker")
+        self._disconnect(ident, f"{what} from an unknown worker: send READY on a new connection", now)
+
+    def _bad_worker_message(self, ident: bytes, exc: protocol.BadMessage, now: float) -> None:
+        """Counted and logged (paced). An unknown command is then ignored (later versions may
+        add commands); anything else that breaks the protocol ends the registration, if any
+        (what the worker held is requeued as for a lost worker), and is answered DISCONNECT
+        with the reason: the worker must register again, on a new connection."""
+        router = self.router
+        router.count_bad(BACKEND, exc.kind)
+        self._log_paced(ident, BACKEND, logging.WARNING, "bad message from worker %s: %s", _peer(ident), exc)
+        if type(exc) is protocol.UnknownCommand:
+            return
+        w = router.workers.get(ident)
+        if w is not None:
+            router.remove_worker(w, f"broke the protocol ({exc.kind})", now)
+        self._disconnect(ident, f"bad message: {exc}", now)
+
+    def _message_failed(self, port: str, ident: bytes, rid: int, now: float) -> None:
+        """Handling one message raised something unforeseen (a bug): log it with its traceback
+        (paced), count it, answer the peer as for a bad message, serve on. A client request
+        that raised after the router had taken it may get a second reply (its client drops
+        it): better than none."""
+        self.router.count_bad(port, "internal_error")
+        self._log_paced(ident, port, logging.ERROR, "error handling a message from %s %s (serving on)",
+                        "client" if port == FRONTEND else "worker", _peer(ident), exc_info=True)
+        if port == FRONTEND:
+            self.router.count_status("", protocol.STATUS_BAD_REQUEST)
+            self.router.answer(ident, rid, protocol.STATUS_BAD_REQUEST, "bad request: the broker failed to handle it")
+            return
+        w = self.router.workers.get(ident)
+        if w is not None:
+            self.router.remove_worker(w, "a message of its could not be handled", now)
+        self._disconnect(ident, "the broker failed to handle a message: send READY on a new connection", now)
+
+    def _disconnect(self, ident: bytes, why: str, now: float) -> None:
+        """DISCONNECT ``why`` to a worker connection, at most once per heartbeat interval per
+        connection (a worker's queued heartbeats after a broker restart draw one, not one each)."""
+        if self._disconnects.take(ident, now) is None:
+            return
+        self._log_paced(ident, BACKEND, logging.INFO, "asking worker %s to reconnect: %s", _peer(ident), why)
         self.to_worker(ident, protocol.encode_disconnect(why), None)
+
+    def _log_paced(self, ident: bytes, port: str, level: int, msg: str, *args: object,
+                   exc_info: bool = False) -> None:
+        """Log, at most LOG_PEER_BURST lines at once and then one per LOG_PEER_EVERY seconds per
+        peer, and LOG_ALL_RATE per second over all peers; a line that follows suppressed ones
+        says how many."""
+        now = time.monotonic()
+        mine = self._log_peer.take((port, ident), now)
+        if mine is None:
+            return
+        everyone = self._log_all.take(None, now)
+        if everyone is None:
+            return
+        if mine or everyone:
+            msg += " [%d similar lines not logged]"
+            args = (*args, mine + everyone)
+        log.log(level, msg, *args, exc_info=exc_info)
 
     def _drain_frontend(self, now: float) -> None:
         front = self.front
@@ -437,15 +546,17 @@ class Broker:
                 frames = recv_frames(front, NOBLOCK)
             except zmq.Again:
                 return
+            rid = 0
             try:
                 if len(frames) != 4 or frames[1].bytes != _SIG:
                     protocol.check_frames(frames, 1)  # raises the precise BadMessage...
                     protocol.check_payload_count(decode(frames[2].buffer), frames, 1)  # ...with the rid
                 req = decode(frames[2].buffer)
+                rid = req.rid
                 payload = frames[3]
                 if len(payload) > max_size:
                     self.router.stats.bad += 1
-                    self.router.count_bad("frontend", "too_large")
+                    self.router.count_bad(FRONTEND, "too_large")
                     self.router.count_status(req.service, protocol.STATUS_TOO_LARGE)
                     self.router.answer(frames[0].bytes, req.rid, protocol.STATUS_TOO_LARGE,
                                        f"payload of {len(payload)} bytes is over the limit of {max_size}")
@@ -461,12 +572,23 @@ class Broker:
                 request(frames[0].bytes, req.rid, req.service, req.timeout_ms, req.attempt, req.flags, key,
                         payload, now)
             except protocol.BadMessage as exc:
-                self._bad_request(frames, exc)  # malformed input: answer it, keep serving
+                self._bad_request(frames, exc, now)  # malformed input: answer it, keep serving
+            except Exception:  # a bug met by this one request: it alone fails
+                self._message_failed(FRONTEND, frames[0].bytes, rid, now)
 
-    def _bad_request(self, frames: list[zmq.Frame], exc: protocol.BadMessage) -> None:
-        self.router.stats.bad += 1
-        self.router.count_bad("frontend", exc.kind)
-        self.router.count_status("", protocol.STATUS_BAD_REQUEST)  # no trustworthy service name: ""
+    def _bad_request(self, frames: list[zmq.Frame], exc: protocol.BadMessage, now: float) -> None:
+        """Counted, logged (paced), answered BAD_REQUEST under the request's rid when it could be
+        read (else 0); a message with a command this version does not know is ignored instead."""
         client = frames[0].bytes
-        log.warning("bad request from client %s: %s", client.hex(), exc)
+        self.router.count_bad(FRONTEND, exc.kind)
+        self._log_paced(client, FRONTEND, logging.WARNING, "bad request from client %s: %s", _peer(client), exc)
+        if type(exc) is protocol.UnknownCommand:
+            return
+        self.router.stats.bad += 1
+        self.router.count_status("", protocol.STATUS_BAD_REQUEST)  # no trustworthy service name: ""
         self.router.answer(client, exc.rid, protocol.STATUS_BAD_REQUEST, f"bad request: {exc}")
+
+
+def _peer(ident: bytes) -> str:
+    """A routing id for a log line: hex, cut (a peer may choose a 255-byte id)."""
+    return ident[:16].hex() + ("..." if len(ident) > 16 else "")

@@ -87,13 +87,16 @@ class WorkerState:
     __slots__ = (
         "admin_weight",
         "base_weight",
+        "beat_at",
         "capacity",
         "counted",
         "credit",
+        "declared",
         "draining",
         "fd",
         "health_weight",
         "healthy",
+        "heartbeat",
         "ident",
         "in_policy",
         "inflight",
@@ -140,6 +143,9 @@ class WorkerState:
         self.counted = False  # included in its service's n_routable
         self.fd = -1
         self.silence_limit = 0.0  # seconds without a message before the broker gives up on it
+        self.heartbeat = 1.0  # seconds between the broker's heartbeats to it: its declared interval
+        self.beat_at = 0.0  # when the broker's next heartbeat to it is due
+        self.declared: object = None  # the READY it registered with (UPDATE applied): a repeat is a no-op
         self.meta = meta
         self.served = 0
 
@@ -274,6 +280,20 @@ class ServiceQueue:
             self._live -= 1
             out.append((req, status))
         return out
+
+    def start_grace(self, grace_until: float) -> None:
+        """The service lost its last routable worker: every queued request is looked at again at
+        ``grace_until`` (or sooner, if it was due sooner), like a request that arrives now, so
+        all of them are answered together if nobody comes back. O(n): rebuilds the timer heap,
+        which also sheds its stale entries."""
+        timers = []
+        for req in self._items:
+            if req.state == QUEUED:
+                if grace_until < req.expire_at:
+                    req.expire_at = grace_until
+                timers.append((req.expire_at, next(_SEQ), req))
+        heapq.heapify(timers)
+        self._timers = timers
 
     def drain_all(self) -> list[Request]:
         """Every live request, in order, leaving the queue empty (broker shutdown)."""

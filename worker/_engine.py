@@ -389,6 +389,8 @@ class Engine:
                     nxt = min(nxt, conn.reconnect_at)
                     continue
                 self._open(conn, now)
+            elif now - conn.last_recv >= dead_after and conn.sock is not None and conn.sock.poll(0, zmq.POLLIN):
+                conn.last_recv = now  # its messages wait unread behind a late turn of this loop: alive
             elif now - conn.last_recv >= dead_after:
                 changed = True
                 if conn.state == DRAINING or conn.removed:

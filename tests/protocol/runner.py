@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,10 @@ class Mismatch(AssertionError):
 
 
 class _Run:
-    def __init__(self, vector: Vector, ctx: zmq.Context[Any], frontend: str, backend: str) -> None:
+    def __init__(self, vector: Vector, ctx: zmq.Context[Any], frontend: str, backend: str,
+                 stop_broker: Callable[[], None] | None) -> None:
         self.vector = vector
+        self.stop_broker = stop_broker
         self.bound: dict[str, Any] = {}
         self.socks: dict[str, zmq.Socket[Any]] = {}
         self.ctx = ctx
@@ -166,6 +169,12 @@ class _Run:
                 continue
             return frames
 
+    def _check_message(self, want: list[dict[str, Any]], frames: list[bytes], where: str) -> None:
+        if len(frames) != len(want):
+            raise Mismatch(f"{where}: expected {len(want)} frames, got {len(frames)}: {frames!r:.200}")
+        for j, (spec, got) in enumerate(zip(want, frames, strict=True)):
+            self._check(spec, got, f"{where} frame {j}")
+
     # -- steps ----------------------------------------------------------------------------
 
     def step(self, i: int, st: dict[str, Any]) -> None:
@@ -178,11 +187,31 @@ class _Run:
             frames = self._recv(name, time.monotonic() + st.get("within_ms", DEFAULT_WITHIN_MS) / 1000, skip)
             if frames is None:
                 raise Mismatch(f"{where}: {name} received nothing within {st.get('within_ms', DEFAULT_WITHIN_MS)} ms")
-            want = st["frames"]
-            if len(frames) != len(want):
-                raise Mismatch(f"{where}: {name} expected {len(want)} frames, got {len(frames)}: {frames!r:.200}")
-            for j, (spec, got) in enumerate(zip(want, frames, strict=True)):
-                self._check(spec, got, f"{where} frame {j}")
+            self._check_message(st["frames"], frames, where)
+        elif "expect_any_order" in st:
+            name = st["expect_any_order"]
+            skip = st.get("skip_heartbeats", self.vector.peers[name] == "worker")
+            deadline = time.monotonic() + st.get("within_ms", DEFAULT_WITHIN_MS) / 1000
+            left = list(st["messages"])
+            while left:
+                frames = self._recv(name, deadline, skip)
+                if frames is None:
+                    raise Mismatch(f"{where}: {name} still waits for {len(left)} message(s)")
+                for k, want in enumerate(left):
+                    saved = dict(self.bound)
+                    try:
+                        self._check_message(want, frames, where)
+                    except Mismatch:
+                        self.bound = saved
+                        continue
+                    del left[k]
+                    break
+                else:
+                    raise Mismatch(f"{where}: {name} got an unexpected message {frames!r:.200}")
+        elif "stop_broker" in st:
+            if self.stop_broker is None:
+                raise Mismatch(f"{where}: this runner cannot stop the broker")
+            self.stop_broker()
         elif "expect_nothing" in st:
             name = st["expect_nothing"]
             frames = self._recv(name, time.monotonic() + st["for_ms"] / 1000, self.vector.peers[name] == "worker")
@@ -195,10 +224,12 @@ class _Run:
             raise Mismatch(f"{where}: unknown step {st!r}")
 
 
-def run(vector: Vector, ctx: zmq.Context[Any], frontend: str, backend: str) -> None:
+def run(vector: Vector, ctx: zmq.Context[Any], frontend: str, backend: str,
+        stop_broker: Callable[[], None] | None = None) -> None:
     """Play ``vector`` against the broker at ``frontend``/``backend``; raises AssertionError
-    (naming the step and frame) at the first difference."""
-    r = _Run(vector, ctx, frontend, backend)
+    (naming the step and frame) at the first difference. ``stop_broker`` asks the broker to
+    shut down gracefully (SIGTERM), for vectors that need it."""
+    r = _Run(vector, ctx, frontend, backend, stop_broker)
     try:
         for i, st in enumerate(vector.steps):
             r.step(i, st)

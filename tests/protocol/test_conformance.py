@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,8 +48,17 @@ def test_there_are_vectors_for_every_command_and_status() -> None:
 def test_vector(path: Any, procs: ProcessGroup, zctx: zmq.Context[Any]) -> None:
     vector: Vector = load(path)
     broker = procs.broker(*vector.broker_args, heartbeat=float(_arg(vector, "--heartbeat", "1.0")))
-    run(vector, zctx, broker.frontend, broker.backend)
-    assert broker.popen is not None and broker.popen.poll() is None, "the broker exited"
+    stopped = []
+
+    def stop() -> None:
+        stopped.append(True)
+        broker.signal(signal.SIGTERM)
+
+    run(vector, zctx, broker.frontend, broker.backend, stop)
+    if stopped:
+        assert broker.wait() == 0, "the broker did not exit cleanly after SIGTERM"
+    else:
+        assert broker.popen is not None and broker.popen.poll() is None, "the broker exited"
 
 
 def _arg(vector: Vector, flag: str, default: str) -> str:
