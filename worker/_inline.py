@@ -29,8 +29,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
-import zmq
-
 from ._engine import Engine
 from ._handlers import Abandon, Answer, Job, Runner, respond
 
@@ -38,7 +36,6 @@ __all__ = ["InlineEngine"]
 
 log = logging.getLogger("zrouter.worker")
 
-_POLLIN: Final = int(zmq.POLLIN)
 _REDRAIN: Final = 0.001  # s: within a batch, read the sockets again after this long
 
 
@@ -90,15 +87,6 @@ class InlineEngine(Engine):
 
     def _after_events(self, now: float) -> float:
         return self._run_queue(now) if self._queue else now
-
-    def _on_timers(self, now: float) -> float:
-        # Messages queued unread behind a long batch prove the broker alive: do not reconnect.
-        dead_after = self.dead_after
-        for conn in self.conns:
-            sock = conn.sock
-            if sock is not None and now - conn.last_recv >= dead_after and sock.poll(0, _POLLIN):
-                conn.last_recv = now
-        return super()._on_timers(now)
 
     def _run_queue(self, now: float) -> float:
         """Run the queued requests in arrival order, replying to each; returns the time after.
