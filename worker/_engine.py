@@ -44,6 +44,7 @@ from zrouter.protocol import (
     encode_reply,
     encode_update,
 )
+from zrouter.ratelimit import RateLimiter
 from zrouter.transport import NOBLOCK, recv_frames
 
 from ._connection import ACTIVE, BACKOFF, DRAINING, BrokerConnection, ready_share, rebalance
@@ -58,6 +59,9 @@ _DISCONNECT_LINGER_MS: Final = 1000  # how long a closing socket may spend flush
 _EMPTY: Final = b""
 _DRAIN_FRAMES: Final = (SIGNATURE, encode_drain())
 _OVERFILL_LOG_EVERY: Final = 10.0  # s between warnings about brokers sending beyond the capacity
+# Warnings about bad messages: LOG_BAD_BURST at once per broker, then one per LOG_BAD_EVERY s.
+_LOG_BAD_BURST: Final = 3
+_LOG_BAD_EVERY: Final = 10.0
 _new_job: Final = tuple.__new__  # Job(...) would cost a Python-level __new__ per request
 
 RunnerFactory = Callable[[Callable[[Answer], None]], Runner]  # given Engine.post
@@ -140,6 +144,8 @@ class Engine:
         self._reply_woken = False  # a wake-up byte for the replies is on its way
         self._short = False  # a broker's share is below its target, waiting for room (_rebalance)
         self.overfilled = 0  # requests that arrived with every handler busy (a broker overdelivered)
+        self.bad_messages = 0  # messages from brokers that broke the protocol (refused)
+        self._log_bad = RateLimiter(1.0 / _LOG_BAD_EVERY, _LOG_BAD_BURST, 64)  # keyed by endpoint
         self._overfill_logged_at = -math.inf
 
     # -- any thread --------------------------------------------------------------------------
@@ -290,9 +296,14 @@ class Engine:
         return False
 
     def _refuse(self, conn: BrokerConnection, exc: BadMessage, now: float) -> None:
-        """A message that breaks the protocol: logged and dropped; a REQUEST whose rid could be
-        read is answered BAD_REQUEST, so the broker does not wait for it until its deadline."""
-        log.warning("broker %s sent a bad message (%s): %s", conn.endpoint, exc.kind, exc)
+        """A message that breaks the protocol: counted, dropped, logged at a bounded rate; a
+        REQUEST whose rid could be read is answered BAD_REQUEST, so the broker does not wait for
+        it until its deadline."""
+        self.bad_messages += 1
+        skipped = self._log_bad.take(conn.endpoint, now)
+        if skipped is not None:
+            log.warning("broker %s sent a bad message (%s): %s%s", conn.endpoint, exc.kind, exc,
+                        f" [{skipped} similar lines not logged]" if skipped else "")  # fmt: skip
         if exc.rid and exc.kind != "wrong_command":
             bad = encode_reply(exc.rid, STATUS_BAD_REQUEST, 0, f"bad request: {exc}")
             conn.send((SIGNATURE, bad, _EMPTY), now)

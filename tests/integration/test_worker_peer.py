@@ -92,7 +92,7 @@ def test_bad_msgpack_payload_is_a_bad_request(backend: ScriptedBackend, make_wor
 def test_bad_messages_from_the_broker_are_refused_and_unknown_commands_ignored(
     backend: ScriptedBackend, make_worker: Any
 ) -> None:
-    make_worker(echo, backend.endpoint)
+    w = make_worker(echo, backend.endpoint)
     peer = backend.wait_cmd(READY).identity
     backend.send(peer, msgpack.packb([0x01, 5, "svc", 0, 0, 0, None]), b"x")  # timeout_ms 0: refused
     _, status, message, _, _ = backend.wait_reply(5).reply()
@@ -102,6 +102,7 @@ def test_bad_messages_from_the_broker_are_refused_and_unknown_commands_ignored(
     backend.request(peer, 6, b"still here")
     assert backend.wait_reply(6).reply()[1:5:3] == (STATUS_OK, b"still here")
     assert len(backend.messages(READY)) == 1 and len(backend.messages(REPLY)) == 2
+    assert w._engine.bad_messages == 2  # the refused REQUEST and the header that is not msgpack
 
 
 def test_heartbeats_keep_flowing_while_a_handler_runs_long(backend: ScriptedBackend, make_worker: Any) -> None:
