@@ -53,6 +53,7 @@ __all__ = [
     "ScriptedBackend",
     "ScriptedFrontend",
     "drain_one_of_two_workers",
+    "sigkill_a_busy_worker",
     "eventually",
     "unique",
 ]
@@ -117,6 +118,31 @@ def drain_one_of_two_workers(
         more = [client.submit("svc", 100 + i) for i in range(8)]
         answers = [x.result() for x in pending + more]
     return broker, leaving, staying, answers
+
+
+def sigkill_a_busy_worker(
+    broker: BrokerProc, start_worker: Callable[[float], WorkerProc], client: Callable[[], Client]
+) -> tuple[WorkerProc, list[Any]]:
+    """A worker killed while it holds requests: three workers of capacity 4 for "svc"
+    (``start_worker(delay)`` starts one taking ``delay`` s a request: the victim 0.3, two others
+    0.05) get 60 idempotent requests from ``client()``; the victim gets SIGKILL once the first
+    reply shows the dispatch happened, while it still holds its 4. Returns (the victim, the 60
+    answers in the order sent)."""
+    victim = start_worker(0.3)
+    broker.wait_workers(1)
+    for _ in range(2):
+        start_worker(0.05)
+    broker.wait_workers(3)
+    with client() as c:
+        pending = [c.submit("svc", i) for i in range(60)]
+        # All three are idle, so each takes 4 at once. A first reply (fast workers: 50 ms) means
+        # the dispatch happened; the victim (300 ms a request) still holds its 4.
+        deadline = time.monotonic() + 10
+        while not any(x.done() for x in pending) and time.monotonic() < deadline:
+            pass
+        victim.kill()
+        answers = [x.result() for x in pending]
+    return victim, answers
 
 
 # -- the broker's back end, as a worker sees it -----------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from zrouter.client import AsyncClient, Client, RemoteError, RequestTimeout, ServiceUnavailable, WorkerLost
-from tests.helpers import drain_one_of_two_workers
+from tests.helpers import drain_one_of_two_workers, sigkill_a_busy_worker
 from tests.procs import BrokerProc, ProcessGroup
 from zrouter import protocol as p
 from zrouter.broker.server import LOG_PEER_BURST
@@ -58,20 +58,9 @@ def test_requests_are_balanced_across_three_workers(procs: ProcessGroup) -> None
 
 def test_sigkill_while_holding_requests_loses_no_idempotent_request(procs: ProcessGroup) -> None:
     broker = procs.broker()
-    victim = procs.worker(broker, capacity=4, delay=0.3)
-    broker.wait_workers(1)
-    for _ in range(2):
-        procs.worker(broker, capacity=4, delay=0.05)
-    broker.wait_workers(3)
-    with Client(broker.frontend, timeout=20) as client:
-        pending = [client.submit("svc", i) for i in range(60)]
-        # All three are idle, so each takes 4 at once. A first reply (fast workers: 50 ms) means
-        # the dispatch happened; the victim (300 ms a request) still holds its 4.
-        deadline = time.monotonic() + 10
-        while not any(x.done() for x in pending) and time.monotonic() < deadline:
-            pass
-        victim.kill()
-        answers = [x.result() for x in pending]
+    victim, answers = sigkill_a_busy_worker(
+        broker, lambda delay: procs.worker(broker, capacity=4, delay=delay), lambda: Client(broker.frontend, timeout=20)
+    )
     assert [a["payload"] for a in answers] == list(range(60))  # each exactly once, in order, correct
     assert str(victim.pid) not in "".join(_served_by(answers))
     broker.wait_for(r"requeued", 1)
