@@ -179,10 +179,13 @@ class Proc:
             threading.Thread(target=self._read, args=(stream, lines), daemon=True).start()
 
     def _read(self, stream: Any, lines: list[str]) -> None:
-        for line in stream:
-            with self._cond:
-                lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
+        try:
+            for line in stream:
+                with self._cond:
+                    lines.append(line.rstrip("\n"))
+                    self._cond.notify_all()
+        except ValueError:  # stop() closed the stream while a child (a RabbitMQ node) still wrote
+            pass
         with self._cond:
             self._eof += 1
             self._cond.notify_all()
