@@ -35,6 +35,8 @@ def extensions() -> list[Extension]:
         for name in MODULES
     ]
     built: list[Extension] = cythonize(exts, compiler_directives={"language_level": "3"}, quiet=True)
+    for ext in built:
+        ext.optional = True  # cythonize makes new Extensions and drops the flag
     return built
 
 
