@@ -14,6 +14,7 @@ Invariants the tests check:
 
 from __future__ import annotations
 
+import heapq
 import logging
 import random
 from collections.abc import Callable, Mapping
@@ -25,8 +26,8 @@ import msgpack
 from zrouter.broker.policies.base import make_policy
 from zrouter.broker.policies.p2c_ewma import update_ewma
 from zrouter.broker.state import ServiceQueue
-from zrouter.broker.state import DONE, INFLIGHT, Request, Service, WorkerState
-from zrouter import protocol
+from zrouter.broker.state import DONE, INFLIGHT, ClientLoad, Request, Service, WorkerState
+from zrouter import limits, protocol
 
 __all__ = ["Router", "Sink", "Stats"]
 
@@ -38,6 +39,10 @@ _REPLY: Final = protocol.REPLY
 _IDEMPOTENT: Final = protocol.FLAG_IDEMPOTENT
 _HEARTBEAT: Final = protocol.encode_heartbeat()
 _DRAIN: Final = protocol.encode_drain()
+_OVERLOADED: Final = protocol.STATUS_OVERLOADED
+# Stale entries (requests answered since) the held-deadline heap tolerates beyond the requests
+# workers hold before it is rebuilt.
+_HELD_SLACK: Final = 1024
 
 
 class Sink(Protocol):
@@ -61,6 +66,8 @@ class Stats:
     overloaded: int = 0
     late: int = 0
     bad: int = 0
+    undeliverable: int = 0  # replies ZeroMQ would not queue: the client is gone or reads nothing
+    unread_overflow: int = 0  # replies replaced by TOO_LARGE: the client's unread bytes are at the bound
     workers_joined: int = 0
     workers_left: int = 0
 
@@ -83,6 +90,10 @@ class Router:
         liveness_timeout: float = 3.0,
         liveness: int = 3,
         rng: random.Random | None = None,
+        max_services: int = limits.MAX_SERVICES,
+        max_client_requests: int = limits.MAX_CLIENT_REQUESTS,
+        max_client_bytes: int = limits.MAX_CLIENT_BYTES,
+        max_capacity: int = limits.MAX_CAPACITY,
     ) -> None:
         self.sink = sink
         self.default_policy = default_policy
@@ -95,6 +106,14 @@ class Router:
         self.liveness_timeout = liveness_timeout
         self.liveness = liveness
         self.rng = rng or random.Random()
+        self.max_services = max_services
+        self.max_client_requests = max_client_requests
+        self.max_client_bytes = max_client_bytes
+        self.max_capacity = max_capacity
+        self.clients: dict[bytes, ClientLoad] = {}  # client routing id -> what it has here
+        # (deadline, rid, request) of every request a worker holds: at the deadline the broker
+        # answers TIMEOUT itself. Entries of requests answered since stay until popped or rebuilt.
+        self._held: list[tuple[float, int, Request]] = []
         self.services: dict[str, Service] = {}
         self.workers: dict[bytes, WorkerState] = {}
         self.by_instance: dict[str, WorkerState] = {}
@@ -128,12 +147,38 @@ class Router:
         payload: Any,
         now: float,
     ) -> None:
-        """A client's request: dispatch it now, queue it, or refuse it with a reply."""
+        """A client's request: dispatch it now, queue it, or refuse it with a reply.
+
+        Refused at once: OVERLOADED past the client's bounds (``max_client_requests`` accepted
+        and unanswered, or ``max_client_bytes`` of their payloads) or past the service's queue
+        bound; UNAVAILABLE when shutting down, or for a service this broker does not know while
+        it already keeps ``max_services``.
+        """
         if not self.accepting:
             self.answer(client, crid, protocol.STATUS_UNAVAILABLE, "broker is shutting down")
             return
-        svc = self.services.get(service) or self.service(service, now)
+        load = self.clients.get(client)
+        if load is None:
+            load = self.clients[client] = ClientLoad()
+        size = len(payload)
+        if load.requests >= self.max_client_requests or load.bytes + size > self.max_client_bytes:
+            self.stats.overloaded += 1
+            self.answer(client, crid, _OVERLOADED, self._client_full(load, size))
+            return
+        svc = self.services.get(service)
+        if svc is None:
+            if len(self.services) >= self.max_services:
+                self.stats.unavailable += 1
+                self.answer(client, crid, protocol.STATUS_UNAVAILABLE,
+                            f"no worker serves {service!r}, and this broker already keeps "
+                            f"{len(self.services)} services (--max-services)")
+                return
+            svc = self.service(service, now)
         req = Request(client, crid, svc, now + timeout_ms / 1000.0, attempt, flags, key, payload)
+        req.size = size
+        req.load = load
+        load.requests += 1
+        load.bytes += size
         self.stats.accepted += 1
         if not svc.queue:
             w = svc.policy.pick(key)
@@ -143,13 +188,32 @@ class Router:
         grace_until = None if svc.n_routable else now + self.grace
         if not svc.queue.push(req, now, grace_until):
             self.stats.overloaded += 1
-            self.answer(client, crid, protocol.STATUS_OVERLOADED, f"queue of {service!r} is full")
+            self._release(req)
+            self.answer(client, crid, _OVERLOADED, f"queue of {service!r} is full")
+
+    def _client_full(self, load: ClientLoad, size: int) -> str:
+        if load.requests >= self.max_client_requests:
+            return (f"this client already has {load.requests} requests in this broker "
+                    f"(--max-client-requests {self.max_client_requests}); read replies before sending more")
+        return (f"this client's requests in this broker already hold {load.bytes} bytes; {size} more would pass "
+                f"--max-client-bytes {self.max_client_bytes}")
 
     def answer(self, client: bytes, crid: int, status: int, message: str) -> None:
         self.sink.to_client(client, protocol.encode_reply(crid, status, 0, message), b"")
 
+    @staticmethod
+    def _release(req: Request) -> None:
+        """The request is answered: its client may use the room, and its payload is freed."""
+        load = req.load
+        if load is not None:
+            req.load = None
+            load.requests -= 1
+            load.bytes -= req.size
+        req.payload = None
+
     def _fail(self, req: Request, status: int, message: str) -> None:
         req.state = DONE
+        self._release(req)
         if status == protocol.STATUS_TIMEOUT:
             self.stats.timeouts += 1
         elif status == protocol.STATUS_UNAVAILABLE:
@@ -168,6 +232,11 @@ class Router:
         w.inflight[rid] = req
         w.outstanding += 1
         self.n_inflight += 1
+        held = self._held
+        if len(held) > 2 * self.n_inflight + _HELD_SLACK:
+            self._compact_held()
+            held = self._held
+        heapq.heappush(held, (req.deadline, rid, req))
         svc = req.service
         if w.outstanding >= w.capacity:
             svc.policy.remove(w)
@@ -206,6 +275,7 @@ class Router:
         svc = self.service(ready.service, now)
         w = WorkerState(ident, svc, ready.capacity, ready.weight, ready.meta, now)
         w.fd = fd
+        self._clamp_capacity(w)
         stale = self.by_instance.get(w.instance)
         if stale is not None and stale.ident in self.workers:
             # Same instance on a new connection (it reconnected before we noticed it left).
@@ -224,6 +294,14 @@ class Router:
         )
         self._pump(svc, now)
         return w
+
+    def _clamp_capacity(self, w: WorkerState) -> None:
+        """At most ``max_capacity`` credits per worker connection, whatever it declared: it then
+        gets fewer requests than it can take, never more."""
+        if w.capacity > self.max_capacity:
+            log.warning("worker %s declares capacity %d; this broker grants at most %d (--max-capacity)",
+                        w.instance, w.capacity, self.max_capacity)
+            w.capacity = self.max_capacity
 
     def _silence_limit(self, w: WorkerState) -> float:
         """The broker's liveness timeout, stretched for a worker that heartbeats more slowly, so a
@@ -260,16 +338,22 @@ class Router:
         req = w.inflight.pop(rid, None)
         if req is None:
             self.stats.late += 1
-            log.debug("dropped a late or unknown reply %d from %s", rid, w.instance)
-            return
-        req.state = DONE
+            if rid not in w.expired:
+                log.debug("dropped a late or unknown reply %d from %s", rid, w.instance)
+                return
+            # Answered TIMEOUT at its deadline while this worker held it: drop the reply, give
+            # the credit back.
+            w.expired.discard(rid)
+        else:
+            req.state = DONE
+            self._release(req)
+            w.served += 1
+            w.ewma = update_ewma(w.ewma, now - req.sent_at, now - w.ewma_at)
+            w.ewma_at = now
+            self.stats.replied += 1
+            self.sink.to_client(req.client, _packb((_REPLY, req.crid, status, flags, message, error_type)), payload)
         w.outstanding -= 1
         self.n_inflight -= 1
-        w.served += 1
-        w.ewma = update_ewma(w.ewma, now - req.sent_at, now - w.ewma_at)
-        w.ewma_at = now
-        self.stats.replied += 1
-        self.sink.to_client(req.client, _packb((_REPLY, req.crid, status, flags, message, error_type)), payload)
         svc = w.service
         if w.in_policy:
             svc.policy.changed(w)
@@ -290,6 +374,7 @@ class Router:
 
     def worker_update(self, w: WorkerState, capacity: int, weight: int, now: float) -> None:
         w.capacity = capacity
+        self._clamp_capacity(w)
         w.base_weight = weight
         self._apply_weight(w)
         self._refresh(w)
@@ -381,8 +466,13 @@ class Router:
         for name in [n for n, s in self.services.items() if not s.workers and not s.queue
                      and now - s.created_at > self.grace]:
             del self.services[name]  # a typo'd service name must not live forever
+        for client in [c for c, load in self.clients.items() if not load.requests]:
+            del self.clients[client]  # swept here, not per reply: cheaper for one-at-a-time clients
 
     def expire(self, now: float) -> None:
+        """Answer what is due: queued requests past their deadline (TIMEOUT) or grace period
+        (UNAVAILABLE), and requests workers hold past their deadline (TIMEOUT: the payload is
+        freed now; the worker's credit stays taken until it replies, late, or is lost)."""
         for svc in self.services.values():
             if svc.queue:
                 for req, status in svc.queue.expire(now, unavailable=not svc.n_routable):
@@ -391,9 +481,25 @@ class Router:
                     else:
                         text = "deadline passed while queued"
                     self._fail(req, status, text)
+        held = self._held
+        while held and held[0][0] <= now:
+            _, rid, req = heapq.heappop(held)
+            w = req.worker
+            if req.state != INFLIGHT or req.rid != rid or w is None:
+                continue  # answered or requeued since
+            w.inflight.pop(rid, None)
+            w.expired.add(rid)
+            self._fail(req, protocol.STATUS_TIMEOUT, "deadline passed while a worker held the request")
+
+    def _compact_held(self) -> None:
+        self._held = [(r.deadline, rid, r) for w in self.workers.values() for rid, r in w.inflight.items()]
+        heapq.heapify(self._held)
 
     def next_timer(self) -> float | None:
-        soonest: float | None = None
+        held = self._held
+        while held and (held[0][2].state != INFLIGHT or held[0][2].rid != held[0][1]):
+            heapq.heappop(held)  # stale: answered or requeued since
+        soonest: float | None = held[0][0] if held else None
         for svc in self.services.values():
             if svc.queue:
                 t = svc.queue.next_timer()

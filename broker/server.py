@@ -24,10 +24,11 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from zrouter.broker.router import Router
+from zrouter.broker.unread import RateLimitedLog, UnreadReplies
 
 if TYPE_CHECKING:
     from zrouter.broker.consul_link import ConsulLink
-from zrouter import protocol
+from zrouter import limits, protocol
 from zrouter.transport import NOBLOCK, SNDMORE, recv_frames
 
 __all__ = ["Broker", "BrokerConfig"]
@@ -69,7 +70,26 @@ class BrokerConfig:
     max_queue: int = 10_000
     max_attempts: int = 3
     grace: float = 1.0
-    max_message_size: int = 64 * 1024 * 1024
+    max_message_size: int = limits.MAX_MESSAGE_SIZE
+    # Memory bounds (zrouter/limits.py and README.md say what each one holds).
+    max_services: int = limits.MAX_SERVICES
+    max_client_requests: int = limits.MAX_CLIENT_REQUESTS
+    max_client_bytes: int = limits.MAX_CLIENT_BYTES
+    max_client_unread: int = limits.MAX_CLIENT_UNREAD
+    max_client_unread_bytes: int = limits.MAX_CLIENT_UNREAD_BYTES
+    max_capacity: int = limits.MAX_CAPACITY
+
+    def check(self) -> None:
+        """Raise ValueError for bounds that contradict each other (a payload the size limit
+        allows must fit in a client's bounds, or it could never be served)."""
+        for name in ("max_message_size", "max_services", "max_client_requests", "max_client_bytes",
+                     "max_client_unread", "max_client_unread_bytes", "max_capacity", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("max_client_bytes", "max_client_unread_bytes"):
+            if getattr(self, name) < self.max_message_size:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be at least max_message_size "
+                                 f"({self.max_message_size})")
     shutdown_grace: float = SHUTDOWN_GRACE
     stats_interval: float = 30.0
     consul: str | None = None  # address of a Consul agent; None: the embedded registry only
@@ -83,6 +103,7 @@ class Broker:
     """One broker. ``run()`` blocks; ``stop()`` may be called from any thread or a signal handler."""
 
     def __init__(self, config: BrokerConfig, context: zmq.Context[Any] | None = None) -> None:
+        config.check()
         self.config = config
         self.ctx = context or zmq.Context.instance()
         self.router = Router(
@@ -94,13 +115,30 @@ class Broker:
             grace=config.grace,
             liveness_timeout=config.heartbeat_interval * config.liveness,
             liveness=config.liveness,
+            max_services=config.max_services,
+            max_client_requests=config.max_client_requests,
+            max_client_bytes=config.max_client_bytes,
+            max_capacity=config.max_capacity,
         )
         self.front: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)
         self.back: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)
+        maxmsgsize = limits.socket_max_message_size(config.max_message_size, protocol.MAX_HEADER_SIZE)
         for s in (self.front, self.back):
             s.linger = 1000  # let final replies out at exit, but never hang on a dead peer
             s.sndhwm = 100_000
             s.rcvhwm = 100_000
+            # A larger frame is refused while it arrives (libzmq drops that peer's connection),
+            # never read into memory first.
+            s.setsockopt(zmq.MAXMSGSIZE, maxmsgsize)
+        # Per client: the replies queued for it (past that, a reply is undeliverable, and with
+        # ROUTER_MANDATORY the send says so instead of dropping it silently), and the requests
+        # read ahead from it, both at most what a client may have in flight.
+        self.front.sndhwm = config.max_client_unread
+        self.front.rcvhwm = config.max_client_requests
+        self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.unread = UnreadReplies(config.max_client_unread_bytes)
+        self._undeliverable_log = RateLimitedLog(log)
+        self._overflow_log = RateLimitedLog(log)
         # Sending to a vanished worker must fail loudly so its request is requeued at once.
         self.back.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.monitor = self.back.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -175,11 +213,50 @@ class Broker:
         return True
 
     def to_client(self, client: bytes, header: bytes, payload: Any) -> None:
+        """Queue a reply for ``client``, never blocking and never dropping it unsaid: one ZeroMQ
+        will not queue (the client is gone, or has ``max_client_unread`` replies unread) is
+        counted and logged; one that would take the client's unread bytes past
+        ``max_client_unread_bytes`` is replaced by a TOO_LARGE answer."""
+        size = len(payload)
+        unread = self.unread
+        if size and not unread.room(client, size):
+            header, payload, size = self._overflow(client, header, size)
         front = self.front
-        front.send(client, SNDMORE)
+        try:
+            front.send(client, SNDMORE | NOBLOCK)
+        except zmq.ZMQError as exc:
+            if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                raise
+            self._undeliverable(client, exc.errno)
+            return
         front.send(_SIG, SNDMORE)
         front.send(header, SNDMORE)
-        front.send(payload, 0, copy=False)
+        if size and unread.queued(client, size):
+            frame = zmq.Frame(getattr(payload, "buffer", payload), copy=False, track=True)
+            front.send(frame, 0, copy=False)
+            unread.track(client, frame.tracker)
+        else:
+            front.send(payload, 0, copy=False)
+
+    def _undeliverable(self, client: bytes, err: int) -> None:
+        self.router.stats.undeliverable += 1
+        if err == errno.EHOSTUNREACH:
+            why = "its connection is gone"
+        else:
+            why = f"it has {self.config.max_client_unread} replies unread (--max-client-unread)"
+        self._undeliverable_log.warning("reply to client %s dropped: %s", client.hex(), why)
+
+    def _overflow(self, client: bytes, header: bytes, size: int) -> tuple[bytes, bytes, int]:
+        """The TOO_LARGE answer that replaces a reply the client has no room for."""
+        self.router.stats.unread_overflow += 1
+        crid = _unpackb(header)[1]  # our own REPLY header
+        unread = self.unread.unread(client)
+        limit = self.config.max_client_unread_bytes
+        self._overflow_log.warning("reply of %d bytes to client %s replaced by TOO_LARGE: %d bytes unread "
+                                   "(--max-client-unread-bytes %d)", size, client.hex(), unread, limit)
+        text = (f"the request was served, but its reply ({size} bytes) was dropped: {unread} bytes of replies "
+                f"to this client are still unread (--max-client-unread-bytes {limit})")
+        return protocol.encode_reply(crid, protocol.STATUS_TOO_LARGE, 0, text), b"", 0
 
     # -- the loop ---------------------------------------------------------------------------
 

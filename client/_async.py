@@ -24,6 +24,7 @@ from zrouter.client._brokers import DEFAULT_HEARTBEAT
 from zrouter.client._client import BaseClient
 from zrouter.client._consul_link import BrokerFeed
 from zrouter.consul import DEFAULT_BROKER_SERVICE
+from zrouter import limits
 from zrouter.errors import ClientClosed
 
 __all__ = ["AsyncClient"]
@@ -66,7 +67,9 @@ class AsyncClient(BaseClient):
         broker: str | Sequence[str] | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
-        max_message_size: int | None = None,
+        max_message_size: int | None = limits.MAX_MESSAGE_SIZE,
+        max_inflight: int = limits.MAX_CLIENT_REQUESTS,
+        max_inflight_bytes: int = limits.MAX_CLIENT_BYTES,
         heartbeat: float | None = DEFAULT_HEARTBEAT,
         context: zmq.Context[Any] | None = None,
         consul: str | None = None,
@@ -87,7 +90,8 @@ class AsyncClient(BaseClient):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._conn_waiters: list[asyncio.Future[None]] = []
-        self._setup(broker, timeout=timeout, max_message_size=max_message_size, heartbeat=heartbeat,
+        self._setup(broker, timeout=timeout, max_message_size=max_message_size, max_inflight=max_inflight,
+                    max_inflight_bytes=max_inflight_bytes, heartbeat=heartbeat,
                     context=context, consul=consul, feed=feed)
         self._core.on_connection_change = self._connection_changed
         if feed is not None:

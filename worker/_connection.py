@@ -20,7 +20,8 @@ from typing import Any, Final
 
 import zmq
 
-from zrouter.protocol import SIGNATURE, encode_heartbeat
+from zrouter import limits
+from zrouter.protocol import MAX_HEADER_SIZE, SIGNATURE, STATUS_REMOTE_ERROR, decode_reply, encode_heartbeat, encode_reply
 from zrouter.transport import NOBLOCK, SNDMORE, send_frames
 
 __all__ = [
@@ -77,6 +78,7 @@ class BrokerConnection:
         "generation",
         "last_recv",
         "last_send",
+        "max_message_size",
         "order",
         "owed",
         "reconnect_at",
@@ -86,8 +88,12 @@ class BrokerConnection:
         "state",
     )
 
-    def __init__(self, endpoint: str, order: int) -> None:
+    def __init__(self, endpoint: str, order: int, max_message_size: int = limits.MAX_MESSAGE_SIZE) -> None:
         self.endpoint = endpoint
+        # Largest payload frame either way (zrouter.limits; the broker's --max-message-size):
+        # a larger request frame makes libzmq drop the connection before it is read, and a
+        # larger reply is not sent (REMOTE_ERROR "MessageTooLarge" instead).
+        self.max_message_size = max_message_size
         self.order = order  # position in the broker list: who gets the larger share
         self.sock: zmq.Socket[Any] | None = None
         self.generation = 0
@@ -110,6 +116,7 @@ class BrokerConnection:
         """New socket and generation; READY (announcing ``share``) is queued at once."""
         sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, limits.socket_max_message_size(self.max_message_size, MAX_HEADER_SIZE))
         sock.connect(self.endpoint)
         self.sock = sock
         self.generation += 1
@@ -143,6 +150,15 @@ class BrokerConnection:
         sock = self.sock
         if sock is None:
             return
+        if len(payload) > self.max_message_size:
+            # The broker would drop our connection for it (its ZMQ_MAXMSGSIZE), and everything
+            # we hold with it: answer this one request with the reason instead.
+            size = len(payload)
+            log.warning("reply of %d bytes is over the %d-byte limit: sent as an error", size, self.max_message_size)
+            header = encode_reply(decode_reply(header).rid, STATUS_REMOTE_ERROR, 0,
+                                  f"the handler's reply is {size} bytes, over the {self.max_message_size}-byte limit",
+                                  "MessageTooLarge")
+            payload = b""
         try:
             sock.send(SIGNATURE, _MORE)
         except zmq.Again:
