@@ -77,6 +77,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "after --grace); a request naming a new one past this gets 'unavailable' at once")
     m.add_argument("--max-capacity", type=int, default=d.max_capacity, metavar="N",
                    help="credits granted to one worker connection; a larger declared capacity is clamped to it")
+    m.add_argument("--max-worker-bytes", type=_size, default=d.max_worker_bytes, metavar="BYTES",
+                   help="payload bytes of the requests one worker holds (those answered 'timeout' but not yet "
+                        "replied to included); past it the worker gets nothing new until it replies")
     p.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace, metavar="SECONDS",
                    help="on SIGINT/SIGTERM, how long to wait for workers to answer what they hold")
     p.add_argument("--stats-interval", type=float, default=d.stats_interval, metavar="SECONDS",
@@ -115,6 +118,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         max_client_unread=args.max_client_unread,
         max_client_unread_bytes=args.max_client_unread_bytes,
         max_capacity=args.max_capacity,
+        max_worker_bytes=args.max_worker_bytes,
         shutdown_grace=args.shutdown_grace,
         stats_interval=args.stats_interval,
         consul=None if args.no_consul else args.consul,

@@ -94,6 +94,7 @@ class Router:
         max_client_requests: int = limits.MAX_CLIENT_REQUESTS,
         max_client_bytes: int = limits.MAX_CLIENT_BYTES,
         max_capacity: int = limits.MAX_CAPACITY,
+        max_worker_bytes: int = limits.MAX_WORKER_BYTES,
     ) -> None:
         self.sink = sink
         self.default_policy = default_policy
@@ -110,6 +111,7 @@ class Router:
         self.max_client_requests = max_client_requests
         self.max_client_bytes = max_client_bytes
         self.max_capacity = max_capacity
+        self.max_worker_bytes = max_worker_bytes
         self.clients: dict[bytes, ClientLoad] = {}  # client routing id -> what it has here
         # (deadline, rid, request) of every request a worker holds: at the deadline the broker
         # answers TIMEOUT itself. Entries of requests answered since stay until popped or rebuilt.
@@ -231,6 +233,7 @@ class Router:
         req.state = INFLIGHT
         w.inflight[rid] = req
         w.outstanding += 1
+        w.held_bytes += req.size
         self.n_inflight += 1
         held = self._held
         if len(held) > 2 * self.n_inflight + _HELD_SLACK:
@@ -238,7 +241,7 @@ class Router:
             held = self._held
         heapq.heappush(held, (req.deadline, rid, req))
         svc = req.service
-        if w.outstanding >= w.capacity:
+        if w.outstanding >= w.capacity or w.held_bytes >= w.max_bytes:
             svc.policy.remove(w)
             w.in_policy = False
         else:
@@ -275,7 +278,7 @@ class Router:
         svc = self.service(ready.service, now)
         w = WorkerState(ident, svc, ready.capacity, ready.weight, ready.meta, now)
         w.fd = fd
-        self._clamp_capacity(w)
+        self._limit(w)
         stale = self.by_instance.get(w.instance)
         if stale is not None and stale.ident in self.workers:
             # Same instance on a new connection (it reconnected before we noticed it left).
@@ -295,9 +298,10 @@ class Router:
         self._pump(svc, now)
         return w
 
-    def _clamp_capacity(self, w: WorkerState) -> None:
-        """At most ``max_capacity`` credits per worker connection, whatever it declared: it then
-        gets fewer requests than it can take, never more."""
+    def _limit(self, w: WorkerState) -> None:
+        """At most ``max_capacity`` credits per worker connection, whatever it declared (it then
+        gets fewer requests than it can take, never more), and ``max_worker_bytes``."""
+        w.max_bytes = self.max_worker_bytes
         if w.capacity > self.max_capacity:
             log.warning("worker %s declares capacity %d; this broker grants at most %d (--max-capacity)",
                         w.instance, w.capacity, self.max_capacity)
@@ -338,13 +342,15 @@ class Router:
         req = w.inflight.pop(rid, None)
         if req is None:
             self.stats.late += 1
-            if rid not in w.expired:
+            size = w.expired.pop(rid, None)
+            if size is None:
                 log.debug("dropped a late or unknown reply %d from %s", rid, w.instance)
                 return
             # Answered TIMEOUT at its deadline while this worker held it: drop the reply, give
             # the credit back.
-            w.expired.discard(rid)
+            w.held_bytes -= size
         else:
+            w.held_bytes -= req.size
             req.state = DONE
             self._release(req)
             w.served += 1
@@ -357,7 +363,7 @@ class Router:
         svc = w.service
         if w.in_policy:
             svc.policy.changed(w)
-        elif w.outstanding < w.capacity and w.counted:
+        elif w.outstanding < w.capacity and w.held_bytes < w.max_bytes and w.counted:
             svc.policy.add(w)
             w.in_policy = True
         if svc.queue:
@@ -374,7 +380,7 @@ class Router:
 
     def worker_update(self, w: WorkerState, capacity: int, weight: int, now: float) -> None:
         w.capacity = capacity
-        self._clamp_capacity(w)
+        self._limit(w)
         w.base_weight = weight
         self._apply_weight(w)
         self._refresh(w)
@@ -442,7 +448,7 @@ class Router:
         if routable != w.counted:
             svc.n_routable += 1 if routable else -1
             w.counted = routable
-        if routable and w.outstanding < w.capacity:
+        if routable and w.has_credit():
             if w.in_policy:
                 svc.policy.changed(w)
             else:
@@ -488,7 +494,7 @@ class Router:
             if req.state != INFLIGHT or req.rid != rid or w is None:
                 continue  # answered or requeued since
             w.inflight.pop(rid, None)
-            w.expired.add(rid)
+            w.expired[rid] = req.size
             self._fail(req, protocol.STATUS_TIMEOUT, "deadline passed while a worker held the request")
 
     def _compact_held(self) -> None:

@@ -78,12 +78,14 @@ class BrokerConfig:
     max_client_unread: int = limits.MAX_CLIENT_UNREAD
     max_client_unread_bytes: int = limits.MAX_CLIENT_UNREAD_BYTES
     max_capacity: int = limits.MAX_CAPACITY
+    max_worker_bytes: int = limits.MAX_WORKER_BYTES
 
     def check(self) -> None:
         """Raise ValueError for bounds that contradict each other (a payload the size limit
         allows must fit in a client's bounds, or it could never be served)."""
         for name in ("max_message_size", "max_services", "max_client_requests", "max_client_bytes",
-                     "max_client_unread", "max_client_unread_bytes", "max_capacity", "max_queue"):
+                     "max_client_unread", "max_client_unread_bytes", "max_capacity", "max_worker_bytes",
+                     "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("max_client_bytes", "max_client_unread_bytes"):
@@ -119,6 +121,7 @@ class Broker:
             max_client_requests=config.max_client_requests,
             max_client_bytes=config.max_client_bytes,
             max_capacity=config.max_capacity,
+            max_worker_bytes=config.max_worker_bytes,
         )
         self.front: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)
         self.back: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)

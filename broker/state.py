@@ -19,7 +19,7 @@ import itertools
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Final
 
-from zrouter import protocol
+from zrouter import limits, protocol
 
 if TYPE_CHECKING:
     from zrouter.broker.policies.base import Policy
@@ -106,11 +106,13 @@ class WorkerState:
         "fd",
         "health_weight",
         "healthy",
+        "held_bytes",
         "ident",
         "in_policy",
         "inflight",
         "key",
         "last_seen",
+        "max_bytes",
         "meta",
         "outstanding",
         "served",
@@ -133,6 +135,9 @@ class WorkerState:
         self.service = service
         self.capacity = capacity
         self.outstanding = 0
+        # Payload bytes of what it holds (``expired`` included); no new work at ``max_bytes``.
+        self.held_bytes = 0
+        self.max_bytes = limits.MAX_WORKER_BYTES
         self.base_weight = weight  # what the worker declared (or Consul's Weights.Passing)
         self.health_weight: float | None = None  # Consul's say: None = no opinion / no Consul
         self.weight = float(weight)
@@ -142,9 +147,9 @@ class WorkerState:
         self.draining = False
         self.healthy = True  # False while Consul says critical, maintenance or deregistered
         self.inflight: dict[int, Request] = {}
-        # Requests answered TIMEOUT at their deadline while this worker held them: their credits
-        # stay taken until it replies (the reply is dropped) or is lost.
-        self.expired: set[int] = set()
+        # Requests answered TIMEOUT at their deadline while this worker held them (rid -> payload
+        # bytes): their credits stay taken until it replies (the reply is dropped) or is lost.
+        self.expired: dict[int, int] = {}
         self.in_policy = False
         self.counted = False  # included in its service's n_routable
         self.fd = -1
@@ -163,8 +168,11 @@ class WorkerState:
         """May take new work once it has a free credit."""
         return not self.draining and self.healthy and self.weight > 0
 
+    def has_credit(self) -> bool:
+        return self.outstanding < self.capacity and self.held_bytes < self.max_bytes
+
     def eligible(self) -> bool:
-        return self.outstanding < self.capacity and not self.draining and self.healthy and self.weight > 0
+        return self.has_credit() and not self.draining and self.healthy and self.weight > 0
 
     def __repr__(self) -> str:
         return f"<worker {self.instance} {self.service.name} {self.outstanding}/{self.capacity}>"

@@ -21,6 +21,7 @@ __all__ = [
     "MAX_CLIENT_UNREAD_BYTES",
     "MAX_MESSAGE_SIZE",
     "MAX_SERVICES",
+    "MAX_WORKER_BYTES",
     "socket_max_message_size",
 ]
 
@@ -52,6 +53,12 @@ MAX_SERVICES: Final = 1000
 # Credits the broker grants one worker connection, whatever it declares (the wire allows up to
 # protocol.MAX_CAPACITY): a larger declaration is clamped, with a warning.
 MAX_CAPACITY: Final = 1024
+
+# Payload bytes of the requests one worker connection holds (including those the broker already
+# answered TIMEOUT and the worker has not replied to: a worker that does not read its socket
+# keeps them in the broker's send queue). Past it the worker gets nothing new until it replies,
+# as if out of credits; a worker holding nothing may always take one request.
+MAX_WORKER_BYTES: Final = 16 * MIB
 
 
 def socket_max_message_size(max_message_size: int | None, header_size: int) -> int:

@@ -150,14 +150,14 @@ def test_held_past_its_deadline_is_answered_timeout_payload_freed_credit_kept_la
     assert [h[1:3] for _, h, _ in sink.to_clients] == [[1, p.STATUS_TIMEOUT], [2, p.STATUS_TIMEOUT]]
     assert "worker held" in last_message(sink)
     assert all(ref() is None for ref in refs)
-    assert (w.outstanding, w.inflight, w.expired) == (2, {}, set(rids))  # credits still taken
+    assert (w.outstanding, w.inflight, set(w.expired)) == (2, {}, set(rids))  # credits still taken
     assert r.clients[b"c"].requests == 0
     send(r, 3, 1.0)  # no credit: it waits
     assert len(r.services["svc"].queue) == 1
     r.worker_reply(w, rids[0], p.STATUS_OK, 0, None, None, b"late", 1.5)
     assert r.stats.late == 1 and len(sink.to_clients) == 2  # dropped, not forwarded
     assert [h[0] for h in sink.requests_to(b"w1")][-1] == p.REQUEST and len(sink.requests_to(b"w1")) == 3
-    assert w.outstanding == 2 and w.expired == {rids[1]}
+    assert w.outstanding == 2 and set(w.expired) == {rids[1]}
     sink.replies()  # never two replies to one request
 
 
@@ -180,6 +180,22 @@ def test_a_worker_that_never_replies_pins_no_payload_and_at_most_its_capacity_in
     assert all(ref() is None for ref in refs)
     assert len(w.inflight) + len(w.expired) == 8 and r.services["svc"].queue.held() == 0
     assert len(sink.replies()) == 2000
+
+
+def test_a_worker_holding_its_byte_bound_gets_nothing_new_even_after_the_broker_timed_them_out() -> None:
+    """A worker that does not read its socket keeps what was sent to it in the broker's send
+    queue: payload bytes count against it until it replies, not only until the deadline."""
+    r, sink = make(max_worker_bytes=10_000)
+    w = ready(r, b"w1", capacity=100)
+    for i in range(1, 7):
+        send(r, i, 0.0, timeout_ms=1000 if i <= 3 else 5000)
+    rids = [h[1] for h in sink.requests_to(b"w1")]
+    assert len(rids) == 3 and w.held_bytes == 3 * 4096 and len(r.services["svc"].queue) == 3
+    r.expire(1.0)
+    assert statuses(sink) == [p.STATUS_TIMEOUT] * 3 and w.held_bytes == 3 * 4096
+    assert len(sink.requests_to(b"w1")) == 3  # still nothing new
+    r.worker_reply(w, rids[0], p.STATUS_OK, 0, None, None, b"late", 2.0)
+    assert len(sink.requests_to(b"w1")) == 4 and w.held_bytes == 3 * 4096  # freed, then one more sent
 
 
 def test_capacity_updates_are_clamped_too() -> None:
@@ -279,3 +295,32 @@ def test_small_replies_are_tracked_once_per_mark_and_records_are_bounded() -> No
     for i in range(10):
         u.queued(bytes([i]), 10)
     assert len(u) <= 4
+
+
+# -- message sizes ------------------------------------------------------------------------------
+
+
+class FakeDealer:
+    def __init__(self) -> None:
+        self.frames: list[Any] = []
+
+    def send(self, frame: Any, flags: int = 0, copy: bool = True) -> None:
+        self.frames.append(frame)
+
+
+def test_a_worker_sends_an_oversize_reply_as_a_remote_error_instead() -> None:
+    """The broker would drop the worker's connection for it (ZMQ_MAXMSGSIZE), losing everything
+    the worker holds: the client gets RemoteError("MessageTooLarge") for that one request."""
+    from zrouter.worker._connection import BrokerConnection
+
+    conn = BrokerConnection("tcp://127.0.0.1:1", 0, max_message_size=10)
+    sock = FakeDealer()
+    conn.sock = sock  # type: ignore[assignment]
+    conn.reply(p.encode_reply(7), b"x" * 10, 0.0)
+    conn.reply(p.encode_reply(8), b"x" * 11, 0.0)
+    assert sock.frames[:3] == [p.SIGNATURE, p.encode_reply(7), b"x" * 10]
+    reply = p.decode_reply(sock.frames[4])
+    assert (reply.rid, reply.status, reply.error_type) == (8, p.STATUS_REMOTE_ERROR, "MessageTooLarge")
+    assert "11 bytes" in (reply.message or "") and sock.frames[5] == b""
+    err = p.error_for_status(reply.status, reply.message, reply.error_type)
+    assert type(err).__name__ == "RemoteError"
