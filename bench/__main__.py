@@ -10,6 +10,8 @@ Sections (``--only`` takes these names, comma-separated):
   scale        idle broker cost with 10/100/1,000 workers, CPU per request, 100,000 queued
                requests, policy pick cost at 10/1,000/10,000 workers
   simulate     discrete-event simulation of the policies at 1,000 workers
+  memory       broker RSS over time under each flood of issue 7 (unserved service, hoarding
+               worker, client that never reads, unread large replies, oversize frames)
 
 Progress goes to stderr; the table to stdout; results to bench/results/latest.json; plots to
 docs/bench/*.png.
@@ -30,7 +32,7 @@ from typing import Any
 
 from bench.harness import REPO, Row, Settings, progress
 
-SECTIONS = ("throughput", "latency", "payload", "policy", "failover", "scale", "simulate")
+SECTIONS = ("throughput", "latency", "payload", "policy", "failover", "scale", "simulate", "memory")
 MODULES = {
     "throughput": "bench.throughput",
     "latency": "bench.latency",
@@ -39,6 +41,7 @@ MODULES = {
     "failover": "bench.failover",
     "scale": "bench.scale",
     "simulate": "bench.simulate",
+    "memory": "bench.memory",
 }
 COLUMNS = ("measurement", "zrouter", "zmq.proxy", "majortomo", "ratio", "target", "ok")
 

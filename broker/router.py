@@ -40,6 +40,11 @@ _IDEMPOTENT: Final = protocol.FLAG_IDEMPOTENT
 _HEARTBEAT: Final = protocol.encode_heartbeat()
 _DRAIN: Final = protocol.encode_drain()
 _OVERLOADED: Final = protocol.STATUS_OVERLOADED
+# libzmq receives messages of up to its 8 KiB read batch (ZMQ_IN_BATCH_SIZE) into one shared
+# buffer of ~18 KiB (the bytes and a reference count per possible message): one such payload kept
+# keeps the whole buffer. A payload this small that has to wait in a queue is copied out first,
+# so a queued request costs its own size, not the buffer's.
+_COMPACT_BELOW: Final = 8192
 # Stale entries (requests answered since) the held-deadline heap tolerates beyond the requests
 # workers hold before it is rebuilt.
 _HELD_SLACK: Final = 1024
@@ -188,6 +193,10 @@ class Router:
                 self._dispatch(req, w, now)  # type: ignore[arg-type]
                 return
         grace_until = None if svc.n_routable else now + self.grace
+        if size <= _COMPACT_BELOW:
+            data = getattr(payload, "bytes", None)  # a zmq.Frame: its own copy (pyzmq's Frame.bytes)
+            if data is not None:
+                req.payload = data
         if not svc.queue.push(req, now, grace_until):
             self.stats.overloaded += 1
             self._release(req)

@@ -238,3 +238,17 @@ def test_oversize_frames_are_refused_before_they_are_in_memory(procs: ProcessGro
     growth = peak.growth()
     assert growth < 20, f"broker grew {growth:.1f} MB"
     assert not hostile.poll(100)  # no answer: the connection was dropped, not the broker
+
+
+def test_every_bound_is_a_documented_flag_and_contradictions_are_refused() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "zrouter.broker", "--help"], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    for flag in ("--max-message-size", "--max-client-requests", "--max-client-bytes", "--max-client-unread",
+                 "--max-client-unread-bytes", "--max-services", "--max-capacity", "--max-worker-bytes"):
+        assert flag in out
+    bad = subprocess.run([sys.executable, "-m", "zrouter.broker", "--max-message-size", "32m"], capture_output=True,
+                         text=True, timeout=30)
+    assert bad.returncode == 2 and "max_client_bytes" in bad.stderr

@@ -71,6 +71,26 @@ def test_a_request_answered_unavailable_leaves_the_queue_and_frees_its_payload_a
     assert all(ref() is None for ref in refs)  # nothing the broker keeps points at them
 
 
+def test_a_small_payload_that_must_wait_is_copied_out_of_libzmqs_shared_receive_buffer() -> None:
+    """libzmq receives small messages into shared ~18 KiB buffers: a queued 4 KB frame would
+    keep a whole one. Dispatched at once, it is passed on untouched (no copy)."""
+    import zmq
+
+    r, _ = make()
+    small, big = zmq.Frame(b"s" * 4096), zmq.Frame(b"b" * 10_000)
+    send(r, 1, 0.0, small)
+    send(r, 2, 0.0, big)
+    queued = list(r.services["svc"].queue._order)
+    assert type(queued[0].payload) is bytes and queued[0].payload == b"s" * 4096
+    assert queued[1].payload is big
+    recorder = Recorder()
+    r2 = Router(recorder, rng=random.Random(1))
+    ready(r2, b"w1")
+    frame = zmq.Frame(b"f" * 100)
+    r2.request(b"c", 1, "svc", 1000, 0, IDEM, None, frame, 0.0)
+    assert recorder.to_workers[0][2] is frame
+
+
 @pytest.mark.parametrize("how", ["timeout", "shutdown"])
 def test_timeouts_and_shutdown_also_free_queued_payloads(how: str) -> None:
     r, sink = make(grace=30.0)
