@@ -63,7 +63,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         " clients keep within the client bounds themselves: set theirs to match)")
     m.add_argument("--max-client-requests", type=int, default=d.max_client_requests, metavar="N",
                    help="requests one client connection may have here, queued or at workers; more are answered "
-                        "'overloaded' at once (also the front end's ZMQ_RCVHWM)")
+                        "'overloaded' at once")
     m.add_argument("--max-client-bytes", type=_size, default=d.max_client_bytes, metavar="BYTES",
                    help="payload bytes of those requests; past it, 'overloaded' at once")
     m.add_argument("--max-client-unread", type=int, default=d.max_client_unread, metavar="N",

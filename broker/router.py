@@ -45,8 +45,12 @@ _OVERLOADED: Final = protocol.STATUS_OVERLOADED
 # keeps the whole buffer. A payload this small that has to wait in a queue is copied out first,
 # so a queued request costs its own size, not the buffer's.
 _COMPACT_BELOW: Final = 8192
-# Stale entries (requests answered since) the held-deadline heap tolerates beyond the requests
-# workers hold before it is rebuilt.
+# Requests workers hold are filed by deadline in slots of 1/_SLOTS_PER_S seconds (a slot is a
+# list: filing costs an append, not a heap operation per request); a slot is looked at once its
+# end has passed, so the broker answers a held request at most 1/_SLOTS_PER_S s after its
+# deadline. Entries of requests answered since are skipped then; when they outnumber live ones
+# by more than _HELD_SLACK, the slots are rebuilt from what workers hold.
+_SLOTS_PER_S: Final = 100.0
 _HELD_SLACK: Final = 1024
 
 
@@ -118,9 +122,11 @@ class Router:
         self.max_capacity = max_capacity
         self.max_worker_bytes = max_worker_bytes
         self.clients: dict[bytes, ClientLoad] = {}  # client routing id -> what it has here
-        # (deadline, rid, request) of every request a worker holds: at the deadline the broker
-        # answers TIMEOUT itself. Entries of requests answered since stay until popped or rebuilt.
-        self._held: list[tuple[float, int, Request]] = []
+        # Every request a worker holds, by deadline slot: at the deadline the broker answers
+        # TIMEOUT itself. Slot numbers in a heap, slots in a dict (see _SLOTS_PER_S).
+        self._slots: dict[int, list[Request]] = {}
+        self._slot_heap: list[int] = []
+        self._slotted = 0  # entries in all slots, live or stale
         self.services: dict[str, Service] = {}
         self.workers: dict[bytes, WorkerState] = {}
         self.by_instance: dict[str, WorkerState] = {}
@@ -181,9 +187,7 @@ class Router:
                             f"{len(self.services)} services (--max-services)")
                 return
             svc = self.service(service, now)
-        req = Request(client, crid, svc, now + timeout_ms / 1000.0, attempt, flags, key, payload)
-        req.size = size
-        req.load = load
+        req = Request(client, crid, svc, now + timeout_ms / 1000.0, attempt, flags, key, payload, size, load)
         load.requests += 1
         load.bytes += size
         self.stats.accepted += 1
@@ -244,11 +248,12 @@ class Router:
         w.outstanding += 1
         w.held_bytes += req.size
         self.n_inflight += 1
-        held = self._held
-        if len(held) > 2 * self.n_inflight + _HELD_SLACK:
-            self._compact_held()
-            held = self._held
-        heapq.heappush(held, (req.deadline, rid, req))
+        slot = int(req.deadline * _SLOTS_PER_S) + 1
+        entries = self._slots.get(slot)
+        if entries is None:
+            entries = self._new_slot(slot)
+        entries.append(req)
+        self._slotted += 1
         svc = req.service
         if w.outstanding >= w.capacity or w.held_bytes >= w.max_bytes:
             svc.policy.remove(w)
@@ -359,9 +364,15 @@ class Router:
             # the credit back.
             w.held_bytes -= size
         else:
-            w.held_bytes -= req.size
+            size = req.size
+            w.held_bytes -= size
             req.state = DONE
-            self._release(req)
+            load = req.load
+            if load is not None:  # _release(), inlined on the hot path
+                req.load = None
+                load.requests -= 1
+                load.bytes -= size
+            req.payload = None
             w.served += 1
             w.ewma = update_ewma(w.ewma, now - req.sent_at, now - w.ewma_at)
             w.ewma_at = now
@@ -496,25 +507,45 @@ class Router:
                     else:
                         text = "deadline passed while queued"
                     self._fail(req, status, text)
-        held = self._held
-        while held and held[0][0] <= now:
-            _, rid, req = heapq.heappop(held)
-            w = req.worker
-            if req.state != INFLIGHT or req.rid != rid or w is None:
-                continue  # answered or requeued since
-            w.inflight.pop(rid, None)
-            w.expired[rid] = req.size
-            self._fail(req, protocol.STATUS_TIMEOUT, "deadline passed while a worker held the request")
+        heap = self._slot_heap
+        due = now * _SLOTS_PER_S
+        while heap and heap[0] <= due:
+            entries = self._slots.pop(heapq.heappop(heap))
+            self._slotted -= len(entries)
+            for req in entries:
+                w = req.worker
+                if req.state != INFLIGHT or w is None:
+                    continue  # answered since (a request requeued and sent again is filed again)
+                w.inflight.pop(req.rid, None)
+                w.expired[req.rid] = req.size
+                self._fail(req, protocol.STATUS_TIMEOUT, "deadline passed while a worker held the request")
 
-    def _compact_held(self) -> None:
-        self._held = [(r.deadline, rid, r) for w in self.workers.values() for rid, r in w.inflight.items()]
-        heapq.heapify(self._held)
+    def _new_slot(self, slot: int) -> list[Request]:
+        if self._slotted > 2 * self.n_inflight + _HELD_SLACK:
+            self._refile()
+            entries = self._slots.get(slot)
+            if entries is not None:
+                return entries
+        entries = self._slots[slot] = []
+        heapq.heappush(self._slot_heap, slot)
+        return entries
+
+    def _refile(self) -> None:
+        """Rebuild the deadline slots from what workers hold, dropping answered entries."""
+        slots: dict[int, list[Request]] = {}
+        for w in self.workers.values():
+            for req in w.inflight.values():
+                slots.setdefault(int(req.deadline * _SLOTS_PER_S) + 1, []).append(req)
+        self._slots = slots
+        self._slot_heap = list(slots)
+        heapq.heapify(self._slot_heap)
+        self._slotted = sum(len(entries) for entries in slots.values())
 
     def next_timer(self) -> float | None:
-        held = self._held
-        while held and (held[0][2].state != INFLIGHT or held[0][2].rid != held[0][1]):
-            heapq.heappop(held)  # stale: answered or requeued since
-        soonest: float | None = held[0][0] if held else None
+        if self._slotted > 2 * self.n_inflight + _HELD_SLACK:
+            self._refile()  # a burst within one slot: rebuilt here, once per turn of the loop
+        heap = self._slot_heap
+        soonest: float | None = heap[0] / _SLOTS_PER_S if heap else None
         for svc in self.services.values():
             if svc.queue:
                 t = svc.queue.next_timer()

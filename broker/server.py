@@ -45,6 +45,11 @@ SHUTDOWN_GRACE: Final = 5.0
 # workers, a wake-up per heartbeat cost more than the heartbeats). New requests never wait:
 # the front end is always read at once.
 IDLE_BACKEND_PERIOD: Final = 0.02
+# Requests read ahead from one client's connection (the front end's ZMQ_RCVHWM) before TCP
+# pushes back: a small one (up to libzmq's 8 KiB read batch) pins a shared ~18 KiB receive
+# buffer until the loop takes it, so this bounds what a client sending faster than the broker
+# handles makes it hold (~2.3 MB), without slowing pipelined clients (batches are BATCH long).
+READ_AHEAD: Final = 128
 
 _SIG: Final = protocol.SIGNATURE
 _REQUEST: Final = protocol.REQUEST
@@ -135,9 +140,9 @@ class Broker:
             s.setsockopt(zmq.MAXMSGSIZE, maxmsgsize)
         # Per client: the replies queued for it (past that, a reply is undeliverable, and with
         # ROUTER_MANDATORY the send says so instead of dropping it silently), and the requests
-        # read ahead from it, both at most what a client may have in flight.
+        # read ahead from it.
         self.front.sndhwm = config.max_client_unread
-        self.front.rcvhwm = config.max_client_requests
+        self.front.rcvhwm = min(READ_AHEAD, config.max_client_requests)
         self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.unread = UnreadReplies(config.max_client_unread_bytes)
         self._undeliverable_log = RateLimitedLog(log)
@@ -221,23 +226,28 @@ class Broker:
         counted and logged; one that would take the client's unread bytes past
         ``max_client_unread_bytes`` is replaced by a TOO_LARGE answer."""
         size = len(payload)
-        unread = self.unread
-        if size and not unread.room(client, size):
-            header, payload, size = self._overflow(client, header, size)
+        verdict = 0
+        if size:
+            verdict = self.unread.add(client, size)
+            if verdict < 0:
+                header, payload, size = self._overflow(client, header, size)
+                verdict = 0
         front = self.front
         try:
             front.send(client, SNDMORE | NOBLOCK)
         except zmq.ZMQError as exc:
             if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                 raise
+            if size:
+                self.unread.undo(client, size)
             self._undeliverable(client, exc.errno)
             return
         front.send(_SIG, SNDMORE)
         front.send(header, SNDMORE)
-        if size and unread.queued(client, size):
+        if verdict:
             frame = zmq.Frame(getattr(payload, "buffer", payload), copy=False, track=True)
             front.send(frame, 0, copy=False)
-            unread.track(client, frame.tracker)
+            self.unread.track(client, frame.tracker)
         else:
             front.send(payload, 0, copy=False)
 

@@ -74,6 +74,8 @@ class Request:
         flags: int,
         key: bytes | None,
         payload: Any,
+        size: int = 0,
+        load: ClientLoad | None = None,
     ) -> None:
         self.rid = 0  # the broker's id, new for every dispatch so a late reply cannot match
         self.client = client
@@ -88,8 +90,8 @@ class Request:
         self.worker: WorkerState | None = None
         self.sent_at = 0.0
         self.state = 0
-        self.size = 0  # payload bytes, counted in ``load`` until the request is answered
-        self.load: ClientLoad | None = None
+        self.size = size  # payload bytes, counted in ``load`` until the request is answered
+        self.load = load
 
 
 class WorkerState:

@@ -50,6 +50,7 @@ class UnreadReplies:
     def __init__(self, max_bytes: int, max_clients: int = MAX_CLIENTS) -> None:
         self.max_bytes = max_bytes
         self.mark_every = max(1, max_bytes // 16)
+        self.limit = max_bytes + self.mark_every
         self.max_clients = max_clients
         self._clients: dict[bytes, _Client] = {}
 
@@ -61,25 +62,27 @@ class UnreadReplies:
         st.refresh()
         return st.sent - st.confirmed
 
-    def room(self, client: bytes, size: int) -> bool:
-        """Whether a reply of ``size`` bytes may be queued for ``client`` now."""
-        st = self._clients.get(client)
-        limit = self.max_bytes + self.mark_every
-        if st is None or st.sent + size - st.confirmed <= limit:
-            return True
-        st.refresh()
-        return st.sent + size - st.confirmed <= limit
-
-    def queued(self, client: bytes, size: int) -> bool:
-        """Count a reply of ``size`` bytes just queued for ``client``; True when it must be a
-        tracked frame (then hand its tracker to :meth:`track`)."""
+    def add(self, client: bytes, size: int) -> int:
+        """Count a reply of ``size`` bytes about to be queued for ``client``: -1 when it does not
+        fit (nothing counted), 1 when it must go as a tracked frame (hand its tracker to
+        :meth:`track`), else 0. :meth:`undo` if it could not be queued after all."""
         st = self._clients.get(client)
         if st is None:
             if len(self._clients) >= self.max_clients:
                 self._sweep()
             st = self._clients[client] = _Client()
-        st.sent += size
-        return st.sent - st.marked >= self.mark_every
+        sent = st.sent + size
+        if sent - st.confirmed > self.limit:
+            st.refresh()
+            if sent - st.confirmed > self.limit:
+                return -1
+        st.sent = sent
+        return 1 if sent - st.marked >= self.mark_every else 0
+
+    def undo(self, client: bytes, size: int) -> None:
+        st = self._clients.get(client)
+        if st is not None:
+            st.sent -= size
 
     def track(self, client: bytes, tracker: Any) -> None:
         st = self._clients[client]
