@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration bench consul clean
+.PHONY: demo test lint unit integration bench consul prometheus chromium clean fuzz
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,9 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 # The README's test command; .ci/run calls exactly this.
-test: $(STAMP) consul lint
-	CONSUL_BIN="$$(scripts/get-consul)" $(PY) -m pytest -q
+test: $(STAMP) consul prometheus chromium lint
+	CONSUL_BIN="$$(scripts/get-consul)" PROMETHEUS_BIN="$$(scripts/get-prometheus)" \
+	CHROMIUM_BIN="$$(scripts/get-chromium)" $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check zrouter broker worker client tests bench scripts
@@ -28,6 +29,20 @@ unit: $(STAMP)
 
 consul:
 	scripts/get-consul >/dev/null
+
+# A million or more hostile inputs (sockets and in-process decoders), new seed; prints the counts.
+fuzz: $(STAMP)
+	$(PY) -m bench.fuzz
+
+# The real Prometheus server that scrapes a broker in tests/integration/test_observe_prometheus.py
+# (Debian's package, unpacked into .cache/), and the real Chromium that Playwright drives in
+# test_observe_browser.py (Debian's package, installed with apt-get as root; never `playwright
+# install`).
+prometheus:
+	scripts/get-prometheus >/dev/null
+
+chromium:
+	scripts/get-chromium >/dev/null
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'

@@ -10,6 +10,9 @@ Sections (``--only`` takes these names, comma-separated):
   scale        idle broker cost with 10/100/1,000 workers, CPU per request, 100,000 queued
                requests, policy pick cost at 10/1,000/10,000 workers
   simulate     discrete-event simulation of the policies at 1,000 workers
+  metrics      the cost of observing: pipelined req/s with metrics on (--http, scraped every
+               second, a dashboard open) vs off, same run
+  curve        CURVE's cost: pipelined req/s and one-at-a-time p50, CURVE on vs off
   memory       broker RSS over time under each flood of issue 7 (unserved service, hoarding
                worker, client that never reads, unread large replies, oversize frames)
 
@@ -32,7 +35,8 @@ from typing import Any
 
 from bench.harness import REPO, Row, Settings, progress
 
-SECTIONS = ("throughput", "latency", "payload", "policy", "failover", "scale", "simulate", "memory")
+SECTIONS = ("throughput", "latency", "payload", "policy", "failover", "scale", "simulate", "metrics", "curve",
+            "memory")
 MODULES = {
     "throughput": "bench.throughput",
     "latency": "bench.latency",
@@ -41,6 +45,8 @@ MODULES = {
     "failover": "bench.failover",
     "scale": "bench.scale",
     "simulate": "bench.simulate",
+    "metrics": "bench.metrics",
+    "curve": "bench.curve",
     "memory": "bench.memory",
 }
 COLUMNS = ("measurement", "zrouter", "zmq.proxy", "majortomo", "ratio", "target", "ok")

@@ -1,4 +1,4 @@
-"""Section 8: memory under floods. Broker RSS over time while one peer misbehaves, per flood of
+"""Section 10: memory under floods. Broker RSS over time while one peer misbehaves, per flood of
 issue 7, against a broker with default settings; each curve should level off at or below the
 bound README.md documents for it (the dashed line: RSS before the flood + that bound).
 
@@ -164,7 +164,7 @@ def run(cfg: Settings) -> dict[str, Any]:
 
 
 def rows(res: dict[str, Any]) -> list[Row]:
-    out = [Row(f"8 memory floods ({res['duration']:g} s each): broker RSS growth, MB peak / end")]
+    out = [Row(f"10 memory floods ({res['duration']:g} s each): broker RSS growth, MB peak / end")]
     for name, f in res["floods"].items():
         ok = f["peak_mb"] <= f["bound_mb"] + SLACK_MB
         out.append(Row(f"  {name}: {f['title']}", f"+{f['peak_mb']:.1f} / +{f['last_mb']:.1f}", "", "",

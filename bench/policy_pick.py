@@ -2,7 +2,7 @@
 
 For every registered policy at 10, 1,000 and 10,000 workers it times the broker's per-request
 policy work: ``pick`` then ``outstanding += 1`` and ``changed`` (dispatch), and, for the oldest of
-``IN_FLIGHT`` requests, ``outstanding -= 1`` and ``changed`` (completion). A second table times a
+``IN_FLIGHT`` requests, ``done`` (its latency), ``outstanding -= 1`` and ``changed`` (completion). A second table times a
 ``remove`` + ``add`` pair, which the broker does whenever a worker runs out of credit and gets
 one back. Numbers are microseconds per cycle; the whole run takes well under 30 s.
 """
@@ -39,19 +39,15 @@ class Worker:
     key: bytes
     outstanding: int
     weight: float
-    ewma: float
-
-
-def workers(n: int, weight: Callable[[int], float], rng: random.Random) -> list[Worker]:
-    return [Worker(b"worker-%d" % i, 0, weight(i), rng.uniform(0.001, 0.020)) for i in range(n)]
 
 
 def build(name: str, n: int, weight: Callable[[int], float]) -> tuple[Policy, list[Worker]]:
     rng = random.Random(SEED)
     policy = make_policy(name, rng)
-    eps = workers(n, weight, rng)
+    eps = [Worker(b"worker-%d" % i, 0, weight(i)) for i in range(n)]
     for ep in eps:
         policy.add(ep)
+        policy.done(ep, rng.uniform(0.001, 0.020), 0.0)  # a latency for p2c-ewma to weigh
     return policy, eps
 
 
@@ -71,6 +67,7 @@ def pick_cycle_us(name: str, n: int, weight: Callable[[int], float]) -> float:
             inflight.append(ep)
             if len(inflight) > IN_FLIGHT:
                 done = inflight.popleft()
+                policy.done(done, 0.005, cycles * 1e-4)
                 done.outstanding -= 1
                 policy.changed(done)
             cycles += 1

@@ -4,8 +4,8 @@ cannot run: ``python -m bench.simulate`` (or the ``simulate`` section of ``pytho
 The policies are the broker's own classes (``zrouter.broker.policies.make_policy``), driven through the
 same call protocol as ``zrouter.broker.router.Router``: ``pick``, then ``outstanding += 1`` and
 ``changed`` (or ``remove`` when the worker's credits run out); on a reply ``outstanding -= 1``,
-the latency EWMA updated with ``zrouter.broker.policies.p2c_ewma.update_ewma``, and ``changed`` or
-``add``. Requests that find no worker with a free credit wait in a FIFO queue at the broker.
+the latency reported with ``done``, and ``changed`` or ``add``; a killed worker is ``remove``d
+and ``forget``-ed. Requests that find no worker with a free credit wait in a FIFO queue at the broker.
 Time is simulated (p2c-ewma's clock included), so a run is exact and repeatable for a seed.
 
 Each worker is a single server: it holds up to ``capacity`` requests (its credits) and serves
@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 from zrouter.broker.policies import make_policy
-from zrouter.broker.policies.p2c_ewma import update_ewma
 
 __all__ = ["SCENARIOS", "Scenario", "plot", "rows", "run", "simulate"]
 
@@ -76,8 +75,6 @@ class SimWorker:
     speed: float
     capacity: int
     outstanding: int = 0
-    ewma: float = 0.0
-    ewma_at: float = 0.0
     alive: bool = True
     in_policy: bool = False
     busy: bool = False
@@ -187,8 +184,7 @@ def simulate(sc: Scenario, policy_name: str, seed: int = 1, requests: int | None
             if req[0] >= warm_until:
                 lat.append((now - req[0]) * 1000.0)
             w.outstanding -= 1
-            w.ewma = update_ewma(w.ewma, now - req[3], now - w.ewma_at)
-            w.ewma_at = now
+            policy.done(w, now - req[3], now)
             if w.in_policy:
                 policy.changed(w)
             elif w.alive and w.outstanding < w.capacity:
@@ -205,6 +201,7 @@ def simulate(sc: Scenario, policy_name: str, seed: int = 1, requests: int | None
             if w.in_policy:
                 policy.remove(w)
                 w.in_policy = False
+            policy.forget(w)
             requeued += len(w.held)
             queue.extendleft(reversed(w.held))
             w.held.clear()

@@ -10,8 +10,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import zmq
+
+from zrouter.broker.auth import exposed_endpoints
 from zrouter.broker.server import Broker, BrokerConfig
 from zrouter.broker.policies import POLICIES
+from zrouter.logfmt import FORMATS, configure_logging
 
 __all__ = ["main", "parse_args"]
 
@@ -23,6 +27,17 @@ def _service_policy(text: str) -> tuple[str, str]:
     if policy not in POLICIES:
         raise argparse.ArgumentTypeError(f"unknown policy {policy!r}; choose from {', '.join(sorted(POLICIES))}")
     return service, policy
+
+
+def _service_seconds(text: str) -> tuple[str, float]:
+    service, sep, seconds = text.partition("=")
+    try:
+        value = float(seconds)
+    except ValueError:
+        value = -1.0
+    if not sep or not service or not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"expected SERVICE=SECONDS (>= 0), got {text!r}")
+    return service, value
 
 
 def _size(text: str) -> int:
@@ -49,6 +64,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="dispatch policy for services without their own")
     p.add_argument("--service-policy", type=_service_policy, action="append", default=[],
                    metavar="SERVICE=POLICY", help="policy for one service (repeatable)")
+    p.add_argument("--slow-start", type=float, default=d.slow_start, metavar="SECONDS",
+                   help="ramp a worker joining an established service up over this long: its weight "
+                        "from 10%% and its credits from 1, linearly (0: off)")
+    p.add_argument("--service-slow-start", type=_service_seconds, action="append", default=[],
+                   metavar="SERVICE=SECONDS", help="--slow-start for one service (repeatable)")
     p.add_argument("--max-queue", type=int, default=d.max_queue, metavar="N",
                    help="requests waiting per service before the broker answers 'overloaded'")
     p.add_argument("--max-attempts", type=int, default=d.max_attempts, metavar="N",
@@ -96,8 +116,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="front-end endpoint published in Consul (default: the bound one)")
     g.add_argument("--advertise-backend", metavar="ENDPOINT",
                    help="back-end endpoint published in Consul (default: the bound one)")
+    c = p.add_argument_group("CURVE: encryption and authentication (see README, Security)")
+    c.add_argument("--curve-secret-key", metavar="FILE",
+                   help="this broker's .key_secret (from zrouter-keys): CURVE on both sockets")
+    c.add_argument("--worker-keys", metavar="DIR",
+                   help="public .key files of the workers allowed to register (required with CURVE)")
+    c.add_argument("--client-keys", metavar="DIR",
+                   help="public .key files of the clients allowed to connect (default: any client that "
+                        "knows the broker's public key; encrypted, not authenticated)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    return p.parse_args(argv)
+    p.add_argument("--log-format", default="text", choices=FORMATS,
+                   help="json: one JSON object a line (keys ts, level, logger, event; service, instance, rid)")
+    h = p.add_argument_group("Observing and operating (off unless --http is given)")
+    h.add_argument("--http", metavar="HOST:PORT",
+                   help="serve the dashboard (/), /status, /metrics (Prometheus) and admin actions here; "
+                        "port 0 picks a free port (logged)")
+    h.add_argument("--admin-token", default=os.environ.get("ZROUTER_ADMIN_TOKEN") or None, metavar="TOKEN",
+                   help="enable the admin actions (drain, weight, policy) for requests carrying "
+                        "'Authorization: Bearer TOKEN' (default: $ZROUTER_ADMIN_TOKEN; none: admin off)")
+    args = p.parse_args(argv)
+    if args.curve_secret_key and not args.worker_keys:
+        p.error("--curve-secret-key needs --worker-keys DIR (the workers' public keys)")
+    if not args.curve_secret_key and (args.worker_keys or args.client_keys):
+        p.error("--worker-keys and --client-keys need --curve-secret-key")
+    return args
 
 
 def config_from_args(args: argparse.Namespace) -> BrokerConfig:
@@ -108,6 +150,8 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         liveness=args.liveness,
         default_policy=args.policy,
         service_policies=dict(args.service_policy),
+        slow_start=args.slow_start,
+        service_slow_start=dict(args.service_slow_start),
         max_queue=args.max_queue,
         max_attempts=args.max_attempts,
         grace=args.grace,
@@ -126,25 +170,33 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         broker_service=args.broker_service,
         advertise_frontend=args.advertise_frontend,
         advertise_backend=args.advertise_backend,
+        http=args.http,
+        admin_token=args.admin_token,
+        curve_secret_key=args.curve_secret_key,
+        worker_keys=args.worker_keys,
+        client_keys=args.client_keys,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
+    log = logging.getLogger("zrouter.broker")
     try:
-        config = config_from_args(args)
-        config.check()
-    except ValueError as exc:
-        print(f"zrouter-broker: error: {exc}", file=sys.stderr)
+        broker = Broker(config_from_args(args))
+    except (OSError, ValueError, RuntimeError, zmq.ZMQError) as exc:  # unreadable keys, no CURVE, bad --http
+        log.error("cannot start: %s", exc)
         return 2
-    broker = Broker(config)
     try:
         broker.bind()
     except Exception as exc:
-        logging.getLogger("zrouter.broker").error("cannot bind: %s", exc)
+        log.error("cannot bind: %s", exc)
         broker.close()
         return 2
+    exposed = exposed_endpoints([broker.frontend_endpoint, broker.backend_endpoint])
+    if exposed and broker.auth is None:
+        log.warning("listening beyond loopback (%s) without CURVE: anyone who can reach it may register as a "
+                    "worker or call any service, in clear text; see README, Security", ", ".join(exposed))
 
     def _stop(signum: int, _frame: Any) -> None:
         logging.getLogger("zrouter.broker").info("received %s", signal.Signals(signum).name)
@@ -152,6 +204,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
+    if broker.auth is not None:
+        def _reload(signum: int, _frame: Any) -> None:
+            log.info("received SIGHUP: reloading keys")
+            broker.call_soon(broker.reload_keys)
+
+        signal.signal(signal.SIGHUP, _reload)
     try:
         broker.run()
     finally:

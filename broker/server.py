@@ -23,12 +23,16 @@ import msgpack
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from zrouter.broker.router import Router
-from zrouter.broker.unread import RateLimitedLog, UnreadReplies
+from zrouter.broker.router import Refused, Router
+from zrouter.broker.unread import UnreadReplies
 
 if TYPE_CHECKING:
+    from zrouter.broker.auth import BrokerAuth
     from zrouter.broker.consul_link import ConsulLink
+    from zrouter.broker.http import BrokerHTTP
 from zrouter import limits, protocol
+from zrouter.curve import EVENT_HANDSHAKE_FAILED
+from zrouter.ratelimit import RateLimiter
 from zrouter.transport import NOBLOCK, SNDMORE, recv_frames
 
 __all__ = ["Broker", "BrokerConfig"]
@@ -63,6 +67,19 @@ _UPDATE: Final = protocol.UPDATE
 _unpackb: Callable[..., Any] = msgpack.unpackb
 _SRCFD: Final = int(zmq.SRCFD)
 
+# Hostile input (docs/protocol.md, "Limits"): the ports, as the bad-message counters name them,
+# and the pace of what a peer can make the broker log: per peer a few lines at once, then one
+# every LOG_PEER_EVERY seconds; over all peers LOG_ALL_RATE a second. The buckets are bounded
+# (PACED_PEERS), so are the DISCONNECTs to peers the broker does not know (one per heartbeat
+# interval each, docs/protocol.md "DISCONNECT").
+FRONTEND: Final = "frontend"
+BACKEND: Final = "backend"
+LOG_PEER_BURST: Final = 3
+LOG_PEER_EVERY: Final = 10.0
+LOG_ALL_BURST: Final = 50
+LOG_ALL_RATE: Final = 5.0
+PACED_PEERS: Final = 10_000
+
 
 @dataclass
 class BrokerConfig:
@@ -84,6 +101,21 @@ class BrokerConfig:
     max_client_unread_bytes: int = limits.MAX_CLIENT_UNREAD_BYTES
     max_capacity: int = limits.MAX_CAPACITY
     max_worker_bytes: int = limits.MAX_WORKER_BYTES
+    shutdown_grace: float = SHUTDOWN_GRACE
+    stats_interval: float = 30.0
+    consul: str | None = None  # address of a Consul agent; None: the embedded registry only
+    consul_token: str | None = None
+    broker_service: str = "zrouter-broker"
+    advertise_frontend: str | None = None
+    advertise_backend: str | None = None
+    slow_start: float = 0.0  # seconds over which a new worker's weight and credits ramp up; 0 = off
+    service_slow_start: dict[str, float] = field(default_factory=dict)
+    http: str | None = None  # HOST:PORT for metrics, status, dashboard and admin (None: no HTTP)
+    admin_token: str | None = None  # enables the admin actions on the HTTP side
+    # CURVE (broker/auth.py): this broker's .key_secret file turns it on for both sockets.
+    curve_secret_key: str | None = None
+    worker_keys: str | None = None  # directory of allowed workers' public .key files
+    client_keys: str | None = None  # the same for clients; None: any client key but a worker's
 
     def check(self) -> None:
         """Raise ValueError for bounds that contradict each other (a payload the size limit
@@ -97,13 +129,6 @@ class BrokerConfig:
             if getattr(self, name) < self.max_message_size:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be at least max_message_size "
                                  f"({self.max_message_size})")
-    shutdown_grace: float = SHUTDOWN_GRACE
-    stats_interval: float = 30.0
-    consul: str | None = None  # address of a Consul agent; None: the embedded registry only
-    consul_token: str | None = None
-    broker_service: str = "zrouter-broker"
-    advertise_frontend: str | None = None
-    advertise_backend: str | None = None
 
 
 class Broker:
@@ -112,7 +137,9 @@ class Broker:
     def __init__(self, config: BrokerConfig, context: zmq.Context[Any] | None = None) -> None:
         config.check()
         self.config = config
-        self.ctx = context or zmq.Context.instance()
+        # A ZAP handler is bound once per context: a CURVE broker gets a context of its own.
+        self._own_ctx = context is None and bool(config.curve_secret_key)
+        self.ctx = context or (zmq.Context() if self._own_ctx else zmq.Context.instance())
         self.router = Router(
             self,
             default_policy=config.default_policy,
@@ -122,6 +149,8 @@ class Broker:
             grace=config.grace,
             liveness_timeout=config.heartbeat_interval * config.liveness,
             liveness=config.liveness,
+            slow_start=config.slow_start,
+            service_slow_start=config.service_slow_start,
             max_services=config.max_services,
             max_client_requests=config.max_client_requests,
             max_client_bytes=config.max_client_bytes,
@@ -145,17 +174,27 @@ class Broker:
         self.front.rcvhwm = min(READ_AHEAD, config.max_client_requests)
         self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.unread = UnreadReplies(config.max_client_unread_bytes)
-        self._undeliverable_log = RateLimitedLog(log)
-        self._overflow_log = RateLimitedLog(log)
+        self._reply_log = RateLimiter(1.0, 1, 2)  # a line a second for each kind of lost reply
         # Sending to a vanished worker must fail loudly so its request is requeued at once.
         self.back.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.monitor = self.back.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.auth: BrokerAuth | None = None
+        # Per request, with CURVE and --client-keys only: may this client's key call the service?
+        self._client_refusal: Callable[[str | None, str], str | None] | None = None
+        if config.curve_secret_key:
+            self._secure(config)
+        self.monitor = self.back.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | (EVENT_HANDSHAKE_FAILED if self.auth is not None else 0))
         self._fd_worker: dict[int, bytes] = {}
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._inbox: collections.deque[Callable[[], None]] = collections.deque()
         self._stopping = False
+        self._stop_by: float | None = None
+        self._log_peer = RateLimiter(1.0 / LOG_PEER_EVERY, LOG_PEER_BURST, PACED_PEERS)
+        self._log_all = RateLimiter(LOG_ALL_RATE, LOG_ALL_BURST, 1)
+        self._disconnects = RateLimiter(1.0 / config.heartbeat_interval, 1, PACED_PEERS)
+        self.loop_errors = 0  # turns of the loop that raised (each a bug, logged with its traceback)
         self.frontend_endpoint = ""
         self.backend_endpoint = ""
         self.ready = threading.Event()
@@ -167,6 +206,12 @@ class Broker:
                 self, config.consul, config.consul_token, broker_service=config.broker_service,
                 advertise_frontend=config.advertise_frontend, advertise_backend=config.advertise_backend,
             )
+        # The HTTP side runs on threads of its own and reaches the router only through call_soon.
+        self.http: BrokerHTTP | None = None
+        if config.http:
+            from zrouter.broker.http import BrokerHTTP
+
+            self.http = BrokerHTTP(self, config.http, config.admin_token, self.consul)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -175,9 +220,36 @@ class Broker:
         self.back.bind(self.config.backend)
         self.frontend_endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend_endpoint = self.back.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.http is not None:
+            self.http.bind()
         log.info("broker listening: clients on %s, workers on %s; policy %s%s",
                  self.frontend_endpoint, self.backend_endpoint, self.config.default_policy,
                  "".join(f", {s}={p}" for s, p in self.config.service_policies.items()))
+
+    def _secure(self, config: BrokerConfig) -> None:
+        from zrouter.broker.auth import BrokerAuth, Keyring
+
+        try:
+            if not config.worker_keys:
+                raise ValueError("CURVE needs worker_keys: the directory of the workers' public keys")
+            keyring = Keyring(config.worker_keys, config.client_keys)
+            self.auth = BrokerAuth(self.ctx, config.curve_secret_key or "", keyring)
+        except BaseException:
+            self._close_sockets()
+            raise
+        self.auth.secure(self.front, self.back)
+        self.router.access = keyring
+        if keyring.clients is not None:
+            self._client_refusal = keyring.client_refusal
+        log.info("%s", self.auth.describe())
+
+    def reload_keys(self) -> None:
+        """Re-read the CURVE key directories (SIGHUP; on the loop's thread, via call_soon) and
+        disconnect the workers whose key no longer allows their service."""
+        if self.auth is not None and self.auth.keyring.reload():
+            n = self.router.recheck_workers(time.monotonic())
+            if n:
+                log.warning("disconnected %d worker(s) whose key was revoked or limited", n)
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from a signal handler or another thread)."""
@@ -196,11 +268,21 @@ class Broker:
             pass  # already awake, or closing
 
     def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
         self.back.disable_monitor()
-        for s in (self.monitor, self.front, self.back):
-            s.close()
+        self.monitor.close()
+        self._close_sockets()
         self._wake_r.close()
         self._wake_w.close()
+
+    def _close_sockets(self) -> None:
+        for s in (self.front, self.back):
+            s.close()
+        if self.auth is not None:
+            self.auth.close()  # after the broker's sockets: no handshake may pass without it
+        if self._own_ctx:
+            self.ctx.term()
 
     # -- sink (called by the router) --------------------------------------------------------
 
@@ -253,11 +335,15 @@ class Broker:
 
     def _undeliverable(self, client: bytes, err: int) -> None:
         self.router.stats.undeliverable += 1
+        refused = self._reply_log.take("undeliverable", time.monotonic())
+        if refused is None:
+            return
         if err == errno.EHOSTUNREACH:
             why = "its connection is gone"
         else:
             why = f"it has {self.config.max_client_unread} replies unread (--max-client-unread)"
-        self._undeliverable_log.warning("reply to client %s dropped: %s", client.hex(), why)
+        log.warning("reply to client %s dropped: %s [%d more since the last such line]", _peer(client), why,
+                    refused)
 
     def _overflow(self, client: bytes, header: bytes, size: int) -> tuple[bytes, bytes, int]:
         """The TOO_LARGE answer that replaces a reply the client has no room for."""
@@ -265,8 +351,11 @@ class Broker:
         crid = _unpackb(header)[1]  # our own REPLY header
         unread = self.unread.unread(client)
         limit = self.config.max_client_unread_bytes
-        self._overflow_log.warning("reply of %d bytes to client %s replaced by TOO_LARGE: %d bytes unread "
-                                   "(--max-client-unread-bytes %d)", size, client.hex(), unread, limit)
+        refused = self._reply_log.take("overflow", time.monotonic())
+        if refused is not None:
+            log.warning("reply of %d bytes to client %s replaced by TOO_LARGE: %d bytes unread "
+                        "(--max-client-unread-bytes %d) [%d more since the last such line]", size, _peer(client),
+                        unread, limit, refused)
         text = (f"the request was served, but its reply ({size} bytes) was dropped: {unread} bytes of replies "
                 f"to this client are still unread (--max-client-unread-bytes {limit})")
         return protocol.encode_reply(crid, protocol.STATUS_TOO_LARGE, 0, text), b"", 0
@@ -274,6 +363,27 @@ class Broker:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> None:
+        """Serve until :meth:`stop` has been called and what workers held is answered (or the
+        shutdown grace is over). Each message is handled in isolation; should anything else in
+        a turn of the loop raise (a bug), it is logged with its traceback at a bounded pace,
+        counted in ``loop_errors``, and the loop goes on."""
+        while True:
+            try:
+                self._serve()
+                break
+            except Exception:
+                self.loop_errors += 1
+                self._log_paced(b"", "loop", logging.ERROR, "broker loop error (serving on)", exc_info=True)
+        router = self.router
+        router.abandon_inflight()
+        router.disconnect_all()  # "shutting down": they reconnect, with back-off, at once
+        if self.http is not None:
+            self.http.close()
+        if self.consul is not None:
+            self.consul.stop()
+        log.info("broker stopped: %s", router.stats.as_dict())
+
+    def _serve(self) -> None:
         if not self.frontend_endpoint:
             self.bind()
         cfg = self.config
@@ -291,23 +401,28 @@ class Broker:
         next_beat = time.monotonic() + cfg.heartbeat_interval
         next_stats = time.monotonic() + cfg.stats_interval
         last_stats: dict[str, int] = {}
-        stop_by: float | None = None
-        if self.consul is not None:
+        stop_by = self._stop_by  # kept across a restart of this loop after an error
+        if self.consul is not None and not self.ready.is_set():
             self.consul.start()
+        if self.http is not None and not self.ready.is_set():
+            self.http.start()
         self.ready.set()
         while True:
             now = time.monotonic()
             if self._stopping and stop_by is None:
                 log.info("broker stopping: answering queued requests, waiting up to %.1fs for %d in flight",
                          cfg.shutdown_grace, router.inflight_count())
-                router.shutdown()
-                stop_by = now + cfg.shutdown_grace
+                self._stop_by = stop_by = now + cfg.shutdown_grace
+                router.shutdown(now)
             if stop_by is not None and (now >= stop_by or not router.inflight_count()):
                 break
             wake = next_beat
             timer = router.next_timer()
             if timer is not None and timer < wake:
                 wake = timer
+            beat = router.next_heartbeat()  # each worker is heartbeated at its own interval
+            if beat is not None and beat < wake:
+                wake = beat
             if stop_by is not None and stop_by < wake:
                 wake = stop_by
             if now < back_at and router.idle():
@@ -333,10 +448,16 @@ class Broker:
             if events.get(self._wake_r.fileno()):
                 self._drain_inbox()
             if now >= next_beat:
+                # Judge silence on what has arrived: when idle the back end is read lazily.
+                for _ in range(16):
+                    if not self._drain_backend(now):
+                        break
                 router.tick(now)
                 next_beat = now + cfg.heartbeat_interval
                 if now >= next_stats:
                     stats = router.stats.as_dict()
+                    if self.auth is not None:  # CURVE refusals, by kind (see broker/auth.py)
+                        stats.update({f"refused_{k}": v for k, v in self.auth.keyring.refusals.items()})
                     if stats != last_stats:
                         log.info("stats: %s; %d workers, %d in flight", stats, len(router.workers),
                                  router.inflight_count())
@@ -344,10 +465,7 @@ class Broker:
                     next_stats = now + cfg.stats_interval
             elif timer is not None and now >= timer:
                 router.expire(now)
-        router.abandon_inflight()
-        if self.consul is not None:
-            self.consul.stop()
-        log.info("broker stopped: %s", router.stats.as_dict())
+            router.send_heartbeats(now)
 
     def _drain_inbox(self) -> None:
         try:
@@ -374,6 +492,8 @@ class Broker:
                 w = self.router.workers.get(ident) if ident is not None else None
                 if w is not None:
                     self.router.remove_worker(w, "connection closed", now)
+            elif self.auth is not None:
+                self.auth.keyring.handshake_failed("workers", int(event["event"]), int(event["value"]))
 
     def _drain_backend(self, now: float) -> bool:
         """Handle up to BATCH worker messages; True if there may be more."""
@@ -386,7 +506,9 @@ class Broker:
             try:
                 self._on_worker_message(frames, now)
             except protocol.BadMessage as exc:
-                log.warning("bad message from worker %s: %s", frames[0].bytes.hex(), exc)
+                self._bad_worker_message(frames[0].bytes, exc, now)
+            except Exception:  # a bug met by this one message: it alone fails
+                self._message_failed(BACKEND, frames[0].bytes, 0, now)
         return True
 
     def _on_worker_message(self, frames: list[zmq.Frame], now: float) -> None:
@@ -397,7 +519,7 @@ class Broker:
             w.last_seen = now
         if len(frames) == 3 and frames[2].bytes == _HEARTBEAT_HEADER and frames[1].bytes == _SIG:
             if w is None:  # skip msgpack for the most common message of an idle broker
-                self._disconnect(ident, "heartbeat from an unknown worker")
+                self._unknown_worker(ident, "HEARTBEAT", now)
             return
         protocol.check_frames(frames, 1)
         msg = protocol.decode_worker_message(frames[2].buffer)
@@ -405,22 +527,36 @@ class Broker:
         kind = type(msg)
         if kind is protocol.Reply:
             if w is None:
-                self._disconnect(ident, "reply from an unknown worker")
+                self._unknown_worker(ident, "REPLY", now)
                 return
             r: protocol.Reply = msg  # type: ignore[assignment]
             router.worker_reply(w, r.rid, r.status, r.flags, r.message, r.error_type, frames[3], now)
         elif kind is protocol.Heartbeat:
             if w is None:
-                self._disconnect(ident, "heartbeat from an unknown worker")
+                self._unknown_worker(ident, "HEARTBEAT", now)
         elif kind is protocol.Ready:
+            ready: protocol.Ready = msg  # type: ignore[assignment]
+            user_id = None
+            if self.auth is not None:  # CURVE: the worker's public key, as ZAP vouched for it
+                user_id = str(frames[0].get("User-Id"))
+                if not router.admit_worker(ident, user_id, ready.service, now):
+                    return
             # Events queued before this connection's first message belong to older connections
             # (maybe on this same fd number): handle them first so they cannot hit this worker.
             self._drain_monitor(now)
             fd = frames[0].get(_SRCFD)
-            router.worker_ready(ident, msg, now, fd)  # type: ignore[arg-type]
+            try:
+                router.worker_ready(ident, ready, now, fd, user_id)
+            except Refused as exc:
+                if exc.kind is not None:
+                    router.count_bad(BACKEND, exc.kind)
+                    self._log_paced(ident, BACKEND, logging.WARNING, "READY refused from worker %s: %s",
+                                    _peer(ident), exc)
+                self._disconnect(ident, f"READY refused: {exc}", now)
+                return
             self._fd_worker[fd] = ident
         elif w is None:
-            self._disconnect(ident, f"{kind.__name__.upper()} from an unknown worker")
+            self._unknown_worker(ident, kind.__name__.upper(), now)
         elif kind is protocol.Drain:
             router.worker_drain(w, now)
         elif kind is protocol.Disconnect:
@@ -432,41 +568,123 @@ class Broker:
             u: protocol.Update = msg  # type: ignore[assignment]
             router.worker_update(w, u.capacity, u.weight, now)
 
-    def _disconnect(self, ident: bytes, why: str) -> None:
-        log.info("asking worker %s to reconnect: %s", ident.hex(), why)
+    def _unknown_worker(self, ident: bytes, what: str, now: float) -> None:
+        """A message other than READY from a connection the broker does not know: counted, and
+        answered DISCONNECT (paced)."""
+        self.router.count_bad(BACKEND, "unknown_worker")
+        self._disconnect(ident, f"{what} from an unknown worker: send READY on a new connection", now)
+
+    def _bad_worker_message(self, ident: bytes, exc: protocol.BadMessage, now: float) -> None:
+        """Counted and logged (paced). An unknown command is then ignored (later versions may
+        add commands); anything else that breaks the protocol ends the registration, if any
+        (what the worker held is requeued as for a lost worker), and is answered DISCONNECT
+        with the reason: the worker must register again, on a new connection."""
+        router = self.router
+        router.count_bad(BACKEND, exc.kind)
+        self._log_paced(ident, BACKEND, logging.WARNING, "bad message from worker %s: %s", _peer(ident), exc)
+        if type(exc) is protocol.UnknownCommand:
+            return
+        w = router.workers.get(ident)
+        if w is not None:
+            router.remove_worker(w, f"broke the protocol ({exc.kind})", now)
+        self._disconnect(ident, f"bad message: {exc}", now)
+
+    def _message_failed(self, port: str, ident: bytes, rid: int, now: float) -> None:
+        """Handling one message raised something unforeseen (a bug): log it with its traceback
+        (paced), count it, answer the peer as for a bad message, serve on. A client request
+        that raised after the router had taken it may get a second reply (its client drops
+        it): better than none."""
+        self.router.count_bad(port, "internal_error")
+        self._log_paced(ident, port, logging.ERROR, "error handling a message from %s %s (serving on)",
+                        "client" if port == FRONTEND else "worker", _peer(ident), exc_info=True)
+        if port == FRONTEND:
+            self.router.count_status("", protocol.STATUS_BAD_REQUEST)
+            self.router.answer(ident, rid, protocol.STATUS_BAD_REQUEST, "bad request: the broker failed to handle it")
+            return
+        w = self.router.workers.get(ident)
+        if w is not None:
+            self.router.remove_worker(w, "a message of its could not be handled", now)
+        self._disconnect(ident, "the broker failed to handle a message: send READY on a new connection", now)
+
+    def _disconnect(self, ident: bytes, why: str, now: float) -> None:
+        """DISCONNECT ``why`` to a worker connection, at most once per heartbeat interval per
+        connection (a worker's queued heartbeats after a broker restart draw one, not one each)."""
+        if self._disconnects.take(ident, now) is None:
+            return
+        self._log_paced(ident, BACKEND, logging.INFO, "asking worker %s to reconnect: %s", _peer(ident), why)
         self.to_worker(ident, protocol.encode_disconnect(why), None)
+
+    def _log_paced(self, ident: bytes, port: str, level: int, msg: str, *args: object,
+                   exc_info: bool = False) -> None:
+        """Log, at most LOG_PEER_BURST lines at once and then one per LOG_PEER_EVERY seconds per
+        peer, and LOG_ALL_RATE per second over all peers; a line that follows suppressed ones
+        says how many."""
+        now = time.monotonic()
+        mine = self._log_peer.take((port, ident), now)
+        if mine is None:
+            return
+        everyone = self._log_all.take(None, now)
+        if everyone is None:
+            return
+        if mine or everyone:
+            msg += " [%d similar lines not logged]"
+            args = (*args, mine + everyone)
+        log.log(level, msg, *args, exc_info=exc_info)
 
     def _drain_frontend(self, now: float) -> None:
         front = self.front
         request = self.router.request
         max_size = self.config.max_message_size
         decode = protocol.decode_request
+        refusal = self._client_refusal
         for _ in range(BATCH):
             try:
                 frames = recv_frames(front, NOBLOCK)
             except zmq.Again:
                 return
+            rid = 0
             try:
                 if len(frames) != 4 or frames[1].bytes != _SIG:
-                    protocol.check_frames(frames, 1)  # raises the precise BadMessage
-                    raise protocol.BadMessage("frames", "a REQUEST is [signature, header, payload]")
+                    protocol.check_frames(frames, 1)  # raises the precise BadMessage...
+                    protocol.check_payload_count(decode(frames[2].buffer), frames, 1)  # ...with the rid
                 req = decode(frames[2].buffer)
+                rid = req.rid
                 payload = frames[3]
                 if len(payload) > max_size:
                     self.router.stats.bad += 1
+                    self.router.count_bad(FRONTEND, "too_large")
+                    self.router.count_status(req.service, protocol.STATUS_TOO_LARGE)
                     self.router.answer(frames[0].bytes, req.rid, protocol.STATUS_TOO_LARGE,
                                        f"payload of {len(payload)} bytes is over the limit of {max_size}")
                     continue
                 key = req.key
                 if isinstance(key, str):
                     key = key.encode()
+                if refusal is not None:
+                    why = refusal(str(frames[0].get("User-Id")), req.service)
+                    if why is not None:
+                        self.router.forbid(frames[0].bytes, req.rid, req.service, why)
+                        continue
                 request(frames[0].bytes, req.rid, req.service, req.timeout_ms, req.attempt, req.flags, key,
                         payload, now)
             except protocol.BadMessage as exc:
-                self._bad_request(frames, exc)  # malformed input: answer it, keep serving
+                self._bad_request(frames, exc, now)  # malformed input: answer it, keep serving
+            except Exception:  # a bug met by this one request: it alone fails
+                self._message_failed(FRONTEND, frames[0].bytes, rid, now)
 
-    def _bad_request(self, frames: list[zmq.Frame], exc: protocol.BadMessage) -> None:
-        self.router.stats.bad += 1
+    def _bad_request(self, frames: list[zmq.Frame], exc: protocol.BadMessage, now: float) -> None:
+        """Counted, logged (paced), answered BAD_REQUEST under the request's rid when it could be
+        read (else 0); a message with a command this version does not know is ignored instead."""
         client = frames[0].bytes
-        log.warning("bad request from client %s: %s", client.hex(), exc)
+        self.router.count_bad(FRONTEND, exc.kind)
+        self._log_paced(client, FRONTEND, logging.WARNING, "bad request from client %s: %s", _peer(client), exc)
+        if type(exc) is protocol.UnknownCommand:
+            return
+        self.router.stats.bad += 1
+        self.router.count_status("", protocol.STATUS_BAD_REQUEST)  # no trustworthy service name: ""
         self.router.answer(client, exc.rid, protocol.STATUS_BAD_REQUEST, f"bad request: {exc}")
+
+
+def _peer(ident: bytes) -> str:
+    """A routing id for a log line: hex, cut (a peer may choose a 255-byte id)."""
+    return ident[:16].hex() + ("..." if len(ident) > 16 else "")

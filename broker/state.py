@@ -20,6 +20,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Final
 
 from zrouter import limits, protocol
+from zrouter.broker.counters import ServiceStats
 
 if TYPE_CHECKING:
     from zrouter.broker.policies.base import Policy
@@ -47,6 +48,8 @@ class Request:
     """A request the broker has accepted and owes its client exactly one reply for."""
 
     __slots__ = (
+        "accepted_at",
+        "queued_at",
         "attempt",
         "client",
         "crid",
@@ -74,9 +77,12 @@ class Request:
         flags: int,
         key: bytes | None,
         payload: Any,
+        now: float = 0.0,
         size: int = 0,
         load: ClientLoad | None = None,
     ) -> None:
+        self.accepted_at = now  # for zrouter_request_duration_seconds
+        self.queued_at = now  # last time it entered the queue, for zrouter_queue_wait_seconds
         self.rid = 0  # the broker's id, new for every dispatch so a late reply cannot match
         self.client = client
         self.crid = crid  # the client's own id, echoed in the reply
@@ -98,21 +104,26 @@ class WorkerState:
     """One connected worker as the broker sees it; also the policies' ``Endpoint``."""
 
     __slots__ = (
+        "admin_weight",
         "base_weight",
+        "beat_at",
         "capacity",
         "counted",
+        "credit",
+        "declared",
         "draining",
-        "ewma",
-        "ewma_at",
         "expired",
         "fd",
         "health_weight",
         "healthy",
+        "heartbeat",
         "held_bytes",
         "ident",
         "in_policy",
         "inflight",
+        "joined_at",
         "key",
+        "latency_ewma",
         "last_seen",
         "max_bytes",
         "meta",
@@ -120,6 +131,7 @@ class WorkerState:
         "served",
         "service",
         "silence_limit",
+        "slow_window",
         "weight",
     )
 
@@ -135,16 +147,19 @@ class WorkerState:
         self.ident = ident
         self.key = (meta.get("instance") or ident.hex()).encode()
         self.service = service
-        self.capacity = capacity
+        self.capacity = capacity  # what the worker declared (READY, UPDATE)
+        self.credit = capacity  # what the broker may have outstanding at it now (slow start)
         self.outstanding = 0
         # Payload bytes of what it holds (``expired`` included); no new work at ``max_bytes``.
         self.held_bytes = 0
         self.max_bytes = limits.MAX_WORKER_BYTES
         self.base_weight = weight  # what the worker declared (or Consul's Weights.Passing)
         self.health_weight: float | None = None  # Consul's say: None = no opinion / no Consul
-        self.weight = float(weight)
-        self.ewma = 0.0
-        self.ewma_at = now
+        self.admin_weight: float | None = None  # an operator's override (PUT .../weight)
+        self.weight = float(weight)  # effective: an operator's or Consul's say, then slow start
+        self.joined_at = now
+        self.slow_window = 0.0  # seconds of slow start, while it lasts (0: at full credit and weight)
+        self.latency_ewma = 0.0  # s, for /status: EWMA of reply latency, LATENCY_ALPHA per reply
         self.last_seen = now
         self.draining = False
         self.healthy = True  # False while Consul says critical, maintenance or deregistered
@@ -156,6 +171,9 @@ class WorkerState:
         self.counted = False  # included in its service's n_routable
         self.fd = -1
         self.silence_limit = 0.0  # seconds without a message before the broker gives up on it
+        self.heartbeat = 1.0  # seconds between the broker's heartbeats to it: its declared interval
+        self.beat_at = 0.0  # when the broker's next heartbeat to it is due
+        self.declared: object = None  # the READY it registered with (UPDATE applied): a repeat is a no-op
         self.meta = meta
         self.served = 0
 
@@ -164,6 +182,8 @@ class WorkerState:
         return self.key.decode()
 
     def effective_weight(self) -> float:
+        if self.admin_weight is not None:
+            return self.admin_weight
         return float(self.base_weight) if self.health_weight is None else self.health_weight
 
     def routable(self) -> bool:
@@ -171,7 +191,7 @@ class WorkerState:
         return not self.draining and self.healthy and self.weight > 0
 
     def has_credit(self) -> bool:
-        return self.outstanding < self.capacity and self.held_bytes < self.max_bytes
+        return self.outstanding < self.credit and self.held_bytes < self.max_bytes
 
     def eligible(self) -> bool:
         return self.has_credit() and not self.draining and self.healthy and self.weight > 0
@@ -183,9 +203,11 @@ class WorkerState:
 class Service:
     """A service name with its workers, its policy and its wait queue."""
 
-    __slots__ = ("created_at", "n_routable", "name", "policy", "queue", "workers")
+    __slots__ = ("created_at", "n_routable", "name", "policy", "queue", "stats", "workers")
 
-    def __init__(self, name: str, policy: Policy, queue: ServiceQueue, now: float) -> None:
+    def __init__(
+        self, name: str, policy: Policy, queue: ServiceQueue, now: float, stats: ServiceStats | None = None
+    ) -> None:
         self.name = name
         self.policy = policy
         self.queue = queue
@@ -194,6 +216,7 @@ class Service:
         # Workers that could serve a request now or once they have a free credit; kept as a
         # count so deciding "unavailable" never scans the workers.
         self.n_routable = 0
+        self.stats = stats or ServiceStats(name)  # counters for metrics; outlive this record
 
 
 _SEQ: Final = itertools.count()  # heap tie-breaker: requests themselves are not comparable
@@ -294,6 +317,19 @@ class ServiceQueue:
             del order[req]
             out.append((req, status))
         return out
+
+    def start_grace(self, grace_until: float) -> None:
+        """The service lost its last routable worker: every queued request is looked at again at
+        ``grace_until`` (or sooner, if it was due sooner), like a request that arrives now, so
+        all of them are answered together if nobody comes back. O(n): rebuilds the timer heap,
+        which also sheds its stale entries."""
+        timers = []
+        for req in self._order:
+            if grace_until < req.expire_at:
+                req.expire_at = grace_until
+            timers.append((req.expire_at, next(_SEQ), req))
+        heapq.heapify(timers)
+        self._timers = timers
 
     def drain_all(self) -> list[Request]:
         """Every queued request, in order, leaving the queue empty (broker shutdown)."""

@@ -18,12 +18,10 @@ Per-client records are forgotten once all they counted is confirmed gone, or, pa
 
 from __future__ import annotations
 
-import logging
-import time
 from collections import deque
 from typing import Any, Final
 
-__all__ = ["RateLimitedLog", "UnreadReplies"]
+__all__ = ["UnreadReplies"]
 
 # Client records kept before the oldest are forgotten (a record is ~300 bytes).
 MAX_CLIENTS: Final = 10_000
@@ -102,25 +100,3 @@ class UnreadReplies:
     def __len__(self) -> int:
         return len(self._clients)
 
-
-class RateLimitedLog:
-    """At most one warning per ``period`` seconds for one kind of event; the others are
-    counted and summed up in the next line, so a flood cannot flood the log."""
-
-    def __init__(self, logger: logging.Logger, period: float = 1.0) -> None:
-        self.logger = logger
-        self.period = period
-        self._next = 0.0
-        self._suppressed = 0
-
-    def warning(self, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._suppressed += 1
-            return
-        self._next = now + self.period
-        if self._suppressed:
-            msg += " (and %d more like it since the last line)"
-            args = (*args, self._suppressed)
-            self._suppressed = 0
-        self.logger.warning(msg, *args)

@@ -13,6 +13,7 @@ after each reader round, we check EVENTS and look again instead of trusting the 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any, Final
@@ -25,7 +26,7 @@ from zrouter.client._client import BaseClient
 from zrouter.client._consul_link import BrokerFeed
 from zrouter.consul import DEFAULT_BROKER_SERVICE
 from zrouter import limits
-from zrouter.errors import ClientClosed
+from zrouter.errors import AuthenticationFailed, ClientClosed
 
 __all__ = ["AsyncClient"]
 
@@ -75,11 +76,14 @@ class AsyncClient(BaseClient):
         consul: str | None = None,
         consul_token: str | None = None,
         broker_service: str = DEFAULT_BROKER_SERVICE,
+        curve_server_key: str | os.PathLike[str] | None = None,
+        curve_secret_key: str | os.PathLike[str] | None = None,
     ) -> None:
         """Same arguments as :class:`client.Client`; ``context`` may be a zmq.asyncio.Context.
 
         With ``consul``, Consul's broker lists arrive on a watcher thread and are applied on the
-        client's event loop (``call_soon_threadsafe``), from the first use of the client on."""
+        client's event loop (``call_soon_threadsafe``), from the first use of the client on.
+        ``curve_server_key``/``curve_secret_key`` as in :class:`client.Client`."""
         feed = None
         if consul:
             feed = BrokerFeed(service=broker_service, consul=consul, token=consul_token, notify=self._feed_changed)
@@ -92,7 +96,8 @@ class AsyncClient(BaseClient):
         self._conn_waiters: list[asyncio.Future[None]] = []
         self._setup(broker, timeout=timeout, max_message_size=max_message_size, max_inflight=max_inflight,
                     max_inflight_bytes=max_inflight_bytes, heartbeat=heartbeat,
-                    context=context, consul=consul, feed=feed)
+                    context=context, consul=consul, feed=feed, curve_server_key=curve_server_key,
+                    curve_secret_key=curve_secret_key)
         self._core.on_connection_change = self._connection_changed
         if feed is not None:
             feed.start()
@@ -145,7 +150,10 @@ class AsyncClient(BaseClient):
         if loop is None:
             loop = self._start()
         entry = _AsyncEntry(loop.create_future())
-        conn = self._core.start(entry, service, payload, timeout, idempotent, key, loop.time())
+        now = loop.time()
+        conn = self._core.start(entry, service, payload, timeout, idempotent, key, now)
+        if conn is None:
+            self._no_broker(now)
         # Queued (no broker yet) or the send consumed the fd's edge: let the reader look now.
         if conn is None or conn.sock.get(_EVENTS) & _POLLIN:
             self._wake_reader()
@@ -260,6 +268,7 @@ class AsyncClient(BaseClient):
         return self._core.connected
 
     def _connection_changed(self) -> None:
+        super()._connection_changed()
         waiters, self._conn_waiters = self._conn_waiters, []
         for fut in waiters:
             if not fut.done():
@@ -272,6 +281,9 @@ class AsyncClient(BaseClient):
         while len(self._core.connected) < count:
             if self._core.closed:
                 raise ClientClosed("client is closed")
+            why = self._refusal()
+            if why is not None:
+                raise AuthenticationFailed(why)
             fut: asyncio.Future[None] = loop.create_future()
             self._conn_waiters.append(fut)
             self._wake_reader()  # events may already be queued on the monitors

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import sys
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
@@ -17,6 +16,7 @@ import zmq
 
 from zrouter import limits
 from zrouter.protocol import MAX_HEADER_SIZE
+from zrouter.curve import EVENT_HANDSHAKE_FAILED, ClientKeys, HandshakeWatch, apply_client, parse_event
 
 __all__ = [
     "DEFAULT_HEARTBEAT",
@@ -35,6 +35,8 @@ DEFAULT_HEARTBEAT: Final = 1.0  # seconds between ZMTP pings; a silent broker is
 
 EVENT_UP: Final = int(zmq.EVENT_HANDSHAKE_SUCCEEDED)
 EVENT_DOWN: Final = int(zmq.EVENT_DISCONNECTED) | int(zmq.EVENT_MONITOR_STOPPED)
+# A refused handshake (CURVE key, mechanism mismatch): requests must fail, not wait for it.
+EVENT_REFUSED: Final = EVENT_HANDSHAKE_FAILED
 
 # Monitor endpoints must be unique per process: pyzmq's default name reuses the socket's fd,
 # which a just-closed socket may still hold in the reaper when a new broker is added.
@@ -47,9 +49,11 @@ def open_broker_sockets(
     ctx: zmq.Context[Any],
     endpoint: str,
     heartbeat: float | None,
+    curve: ClientKeys | None = None,
     max_message_size: int | None = limits.MAX_MESSAGE_SIZE,
 ) -> tuple[Any, Any]:
-    """A DEALER connected to ``endpoint`` and the PAIR socket receiving its monitor events.
+    """A DEALER connected to ``endpoint`` (a CURVE client with ``curve``) and the PAIR socket
+    receiving its monitor events.
 
     ``max_message_size`` (bytes, None: no limit) sets ZMQ_MAXMSGSIZE, never below the shared
     default (zrouter.limits.MAX_MESSAGE_SIZE): a frame larger than that from a broker makes
@@ -59,6 +63,8 @@ def open_broker_sockets(
     sock = ctx.socket(zmq.DEALER)
     try:
         sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            apply_client(sock, curve)
         if max_message_size is not None:
             max_message_size = max(max_message_size, limits.MAX_MESSAGE_SIZE)
         sock.setsockopt(zmq.MAXMSGSIZE, limits.socket_max_message_size(max_message_size, MAX_HEADER_SIZE))
@@ -77,7 +83,7 @@ def open_broker_sockets(
             sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
         addr = f"inproc://zrouter.client.monitor.{next(_monitor_seq)}"
-        monitor = sock.get_monitor_socket(EVENT_UP | EVENT_DOWN, addr)
+        monitor = sock.get_monitor_socket(EVENT_UP | EVENT_DOWN | EVENT_REFUSED, addr)
     except BaseException:
         sock.close(0)
         raise
@@ -104,13 +110,17 @@ def normalize_brokers(broker: str | Iterable[str]) -> list[str]:
 class BrokerConn:
     """One broker endpoint: its DEALER, the monitor that tells when it is up, and its load."""
 
-    __slots__ = ("closed", "endpoint", "monitor", "pending", "pending_bytes", "removed", "sock", "up")
+    __slots__ = ("closed", "endpoint", "monitor", "pending", "pending_bytes", "refused", "refused_at", "removed",
+                 "sock", "up", "watch")
 
     def __init__(self, endpoint: str, sock: Any, monitor: Any) -> None:
         self.endpoint = endpoint
         self.sock = sock
         self.monitor = monitor
         self.up = False  # set by the monitor's handshake event, cleared by its disconnect event
+        self.refused: str | None = None  # why the broker refused the last handshake (until one succeeds)
+        self.refused_at = 0.0
+        self.watch = HandshakeWatch()
         # Requests sent on this connection that the broker may still hold (not answered yet,
         # or given up on here but not yet answered there), and the sum of their payload sizes.
         self.pending = 0
@@ -252,11 +262,20 @@ class BrokerSet:
                     self.draining.remove(conn)
                 self._close(conn)
 
-    def event(self, conn: BrokerConn, event: int, now: float) -> None:
+    def event(self, conn: BrokerConn, event: int, now: float, value: int = 0) -> None:
         """Apply one monitor event to ``conn``'s state and tell the owner about changes."""
         if conn.closed:
             return
+        why = conn.watch.feed(event, value)
+        if why is not None:
+            if conn.refused is None:
+                log.error("broker %s refused this client: %s", conn.endpoint, why)
+            conn.refused = why
+            conn.refused_at = now
+            self._on_down(conn, now)  # the owner fails what waits for a broker if none is left
+            return
         if event & EVENT_UP:
+            conn.refused = None
             if not conn.up:
                 conn.up = True
                 log.info("broker %s connected", conn.endpoint)
@@ -277,7 +296,8 @@ class BrokerSet:
                 return
             if len(msg) == 2 and len(msg[0]) == 6:
                 # First frame: uint16 event id, int32 value, native byte order.
-                self.event(conn, int.from_bytes(msg[0][:2], sys.byteorder), now)
+                event, value = parse_event(msg)
+                self.event(conn, event, now, value)
 
     def read_monitors(self, now: float) -> None:
         for conn in [*self.conns.values(), *self.draining]:

@@ -7,16 +7,24 @@ the ``_watch``/``_unwatch`` hooks the core calls when it opens or closes a broke
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Final
 
 import zmq
 
 from zrouter.client._core import DEFAULT_BROKER, ClientCore
 from zrouter.client._brokers import open_broker_sockets
 from zrouter.client._consul_link import BrokerFeed, initial_brokers
+from zrouter.curve import ClientKeys, client_keys
+from zrouter.errors import AuthenticationFailed
 
-__all__ = ["BaseClient"]
+__all__ = ["REASK_REFUSED", "BaseClient"]
+
+# When every broker refused this client's CURVE handshake, requests fail at once with
+# AuthenticationFailed; the first request this long after the last refusal asks again (new
+# connections: libzmq never retries a refused handshake), so a key allowed later is picked up.
+REASK_REFUSED: Final = 1.0
 
 
 class BaseClient:
@@ -35,7 +43,10 @@ class BaseClient:
         context: zmq.Context[Any] | None,
         consul: str | None,
         feed: BrokerFeed | None,
+        curve_server_key: str | os.PathLike[str] | None = None,
+        curve_secret_key: str | os.PathLike[str] | None = None,
     ) -> None:
+        self._curve: ClientKeys | None = client_keys(curve_server_key, curve_secret_key)
         endpoints = initial_brokers(broker, consul, DEFAULT_BROKER)
         ctx = zmq.Context.instance() if context is None else context
         if type(ctx) is not zmq.Context:
@@ -56,9 +67,54 @@ class BaseClient:
             watch=self._watch,
             unwatch=self._unwatch,
         )
+        self._core.on_connection_change = self._connection_changed
 
     def _open(self, endpoint: str) -> tuple[Any, Any]:
-        return open_broker_sockets(self._ctx, endpoint, self._heartbeat, self._max_message_size)
+        return open_broker_sockets(self._ctx, endpoint, self._heartbeat, self._curve, self._max_message_size)
+
+    # -- refused handshakes (CURVE) ----------------------------------------------------------
+
+    def _connection_changed(self) -> None:
+        """A broker connection came up, dropped or was refused: when every broker has refused
+        this client's handshake, what waits for a broker fails now instead of at its deadline."""
+        why = self._refusal()
+        if why is not None:
+            self._fail_waiting(why)
+
+    def _refusal(self) -> str | None:
+        """Why no broker will take requests, when every one refused our handshake; else None."""
+        core = self._core
+        if core.closed or core.connected:
+            return None
+        why = None
+        for endpoint in core.brokers:
+            conn = core.connection(endpoint)
+            if conn is None or conn.refused is None:
+                return None
+            why = why or f"broker {endpoint}: {conn.refused}"
+        return why
+
+    def _fail_waiting(self, why: str) -> None:
+        core = self._core
+        for entry in [e for e in core.pending.values() if e.conn is None]:
+            core.pending.pop(entry.rid, None)
+            entry._settle(None, AuthenticationFailed(why))
+
+    def _no_broker(self, now: float) -> None:
+        """A request found no broker to go to: fail it (and any other waiting) when every
+        broker refused us, unless the refusals are old enough to ask again."""
+        why = self._refusal()
+        if why is None:
+            return
+        core = self._core
+        stale = [ep for ep in core.brokers
+                 if (c := core.connection(ep)) is not None and now - c.refused_at >= REASK_REFUSED]
+        if stale:
+            for endpoint in stale:  # new sockets, new handshakes; the requests wait for them
+                core.remove_broker(endpoint)
+                core.add_broker(endpoint)
+            return
+        self._fail_waiting(why)
 
     def _watch(self, sock: Any) -> None:
         raise NotImplementedError

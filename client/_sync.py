@@ -7,6 +7,7 @@ settling any other pending request whose reply comes first.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from time import monotonic
 from types import TracebackType
@@ -20,7 +21,7 @@ from zrouter.client._client import BaseClient
 from zrouter.client._consul_link import BrokerFeed
 from zrouter.consul import DEFAULT_BROKER_SERVICE
 from zrouter import limits
-from zrouter.errors import ClientClosed
+from zrouter.errors import AuthenticationFailed, ClientClosed
 
 __all__ = ["Client", "PendingReply"]
 
@@ -93,6 +94,8 @@ class Client(BaseClient):
         consul: str | None = None,
         consul_token: str | None = None,
         broker_service: str = DEFAULT_BROKER_SERVICE,
+        curve_server_key: str | os.PathLike[str] | None = None,
+        curve_secret_key: str | os.PathLike[str] | None = None,
     ) -> None:
         """Connect (lazily, like zmq) to ``broker``: one endpoint or a list of them
         (default tcp://127.0.0.1:5555).
@@ -108,6 +111,12 @@ class Client(BaseClient):
         ``consul`` (``"host:port"`` of a Consul agent), instead of ``broker``, finds the brokers
         registered there under ``broker_service`` and follows them as they come and go;
         ``consul_token`` is the ACL token (default ``$CONSUL_HTTP_TOKEN``).
+
+        ``curve_server_key`` (the broker's public ``.key`` file; with Consul, every broker's)
+        and ``curve_secret_key`` (this client's ``.key_secret``) turn CURVE on. When every
+        broker refuses the handshake, requests raise ``AuthenticationFailed`` with the reason
+        libzmq reported, at once rather than at their deadline. Bad key files raise ValueError
+        or OSError here.
         """
         feed = None
         if consul:
@@ -115,7 +124,8 @@ class Client(BaseClient):
         self._poller = zmq.Poller()
         self._setup(broker, timeout=timeout, max_message_size=max_message_size, max_inflight=max_inflight,
                     max_inflight_bytes=max_inflight_bytes, heartbeat=heartbeat,
-                    context=context, consul=consul, feed=feed)
+                    context=context, consul=consul, feed=feed, curve_server_key=curve_server_key,
+                    curve_secret_key=curve_secret_key)
         if feed is not None:
             self._poller.register(feed.fileno(), _POLLIN)  # a new list wakes a waiting caller
             feed.start()
@@ -162,7 +172,9 @@ class Client(BaseClient):
         if self._feed is not None and self._feed.changed:
             self._follow()
         entry = PendingReply(self)
-        self._core.start(entry, service, payload, timeout, idempotent, key, monotonic())
+        now = monotonic()
+        if self._core.start(entry, service, payload, timeout, idempotent, key, now) is None:
+            self._no_broker(now)
         return entry
 
     def map(
@@ -284,6 +296,9 @@ class Client(BaseClient):
             for sock, _ in events:
                 core.on_readable(sock, now)
             core.tick(now)
+            why = self._refusal()
+            if why is not None:
+                raise AuthenticationFailed(why)
         return True
 
     def close(self) -> None:

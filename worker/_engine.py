@@ -20,7 +20,8 @@ from typing import Any, Final
 
 import zmq
 
-from zrouter.errors import ProtocolError
+from zrouter.curve import ClientKeys
+from zrouter.errors import AuthenticationFailed, ProtocolError
 from zrouter.protocol import (
     DISCONNECT,
     DRAIN,
@@ -38,7 +39,7 @@ from zrouter.protocol import (
 )
 from zrouter.transport import NOBLOCK, recv_frames
 
-from ._connection import ACTIVE, BACKOFF, DRAINING, BrokerConnection, split_capacity
+from ._connection import ACTIVE, BACKOFF, DRAINING, BrokerConnection, ready_share, rebalance
 from ._handlers import Job, Reply, Runner
 
 __all__ = ["Engine"]
@@ -49,6 +50,7 @@ _BATCH: Final = 256  # messages taken from one socket per poll wake-up
 _DISCONNECT_LINGER_MS: Final = 1000  # how long a closing socket may spend flushing DISCONNECT
 _EMPTY: Final = b""
 _DRAIN_FRAMES: Final = (SIGNATURE, encode_drain())
+_OVERFILL_LOG_EVERY: Final = 10.0  # s between warnings about brokers sending beyond the capacity
 
 RunnerFactory = Callable[[Callable[[Reply], None]], Runner]  # given Engine.post
 
@@ -68,6 +70,7 @@ class Engine:
         drain_timeout: float,
         brokers: Sequence[str],
         runner_factory: RunnerFactory,
+        curve: ClientKeys | None = None,
     ) -> None:
         self.service = service
         self.capacity = capacity
@@ -77,6 +80,8 @@ class Engine:
         self.meta = meta
         self.drain_timeout = drain_timeout
         self._runner_factory = runner_factory
+        self.curve = curve  # CURVE keys for every broker connection (None: no CURVE)
+        self.refused: AuthenticationFailed | None = None  # set when every broker refused our key
         self.closed = threading.Event()  # set once the loop has ended (late posts go nowhere)
         self.last_tick = 0.0  # monotonic time of the loop's latest wake-up (registration health)
 
@@ -103,9 +108,13 @@ class Engine:
         self._ctx: zmq.Context[Any] | None = None
         self._poller = zmq.Poller()
         self._by_sock: dict[zmq.Socket[Any], BrokerConnection] = {}
+        self._by_monitor: dict[zmq.Socket[Any], BrokerConnection] = {}  # CURVE handshake monitors
         self._submit: Callable[[Job], None] = lambda job: None
         self._replies: deque[Reply] = deque()  # from the runner's threads (post)
         self._reply_woken = False  # a wake-up byte for the replies is on its way
+        self._short = False  # a broker's share is below its target, waiting for room (_rebalance)
+        self.overfilled = 0  # requests that arrived with every handler busy (a broker overdelivered)
+        self._overfill_logged_at = -math.inf
 
     # -- any thread --------------------------------------------------------------------------
 
@@ -175,6 +184,8 @@ class Engine:
                 ctx.term()  # waits (bounded by linger) for DISCONNECTs to be flushed
             else:
                 log.warning("handlers still running after the drain timeout: abandoning them")
+        if self.refused is not None:
+            raise self.refused
 
     def _loop(self) -> None:
         poller = self._poller
@@ -202,6 +213,8 @@ class Engine:
                     self._on_broker(conn, sock, now)
                 elif sock == wake_fd:
                     self._on_wake(now)
+                elif sock in self._by_monitor:
+                    self._on_monitor(self._by_monitor[sock], now)
             now = after_events(now)
 
     def _after_events(self, now: float) -> float:
@@ -274,6 +287,7 @@ class Engine:
             self._submit(job)
         else:
             self.backlog.append(job)
+            self._overfilled(conn, now)
 
     def _on_replies(self, now: float) -> None:
         pending = self.pending
@@ -295,6 +309,8 @@ class Engine:
                 log.debug("dropping a reply owed to an earlier connection to %s", conn.endpoint)
         if self.backlog:
             self._pump_backlog(now)
+        if self._short:  # a reply may have made room for a broker waiting on its share
+            self._rebalance(now)
 
     def _pump_backlog(self, now: float) -> None:
         backlog = self.backlog
@@ -354,6 +370,8 @@ class Engine:
                     nxt = min(nxt, conn.reconnect_at)
                     continue
                 self._open(conn, now)
+            elif now - conn.last_recv >= dead_after and conn.sock is not None and conn.sock.poll(0, zmq.POLLIN):
+                conn.last_recv = now  # its messages wait unread behind a late turn of this loop: alive
             elif now - conn.last_recv >= dead_after:
                 changed = True
                 if conn.state == DRAINING or conn.removed:
@@ -377,21 +395,25 @@ class Engine:
             if now - conn.last_send >= heartbeat:
                 conn.heartbeat(now)
             nxt = min(nxt, conn.last_send + heartbeat, conn.last_recv + dead_after)
-        if changed:
+        if changed or self._short:
             self._rebalance(now)
+        if self._short:  # a lowered share settles then, making room for the raise that waits
+            nxt = min([nxt, *(c.settle_at for c in self.conns if c.excess)])
         if self.stopping and not self.conns:
             self._finished = True
         return nxt
 
     def _open(self, conn: BrokerConnection, now: float) -> None:
         assert self._ctx is not None
-        # Until the broker confirms us, take only capacity no other broker holds.
-        others = sum(c.share for c in self.conns if c is not conn and c.state == ACTIVE)
-        share = max(0, self.capacity - others)
+        # Until the broker confirms us, take only capacity no other broker may hold.
+        share = ready_share(self.capacity, self.running + len(self.backlog), self.conns)
         ready = encode_ready(self.service, share, self.weight, self.meta)
-        sock = conn.open(self._ctx, ready, share, now)
+        sock = conn.open(self._ctx, ready, share, now, self.curve)
         self._poller.register(sock, zmq.POLLIN)
         self._by_sock[sock] = conn
+        if conn.monitor is not None:
+            self._poller.register(conn.monitor, zmq.POLLIN)
+            self._by_monitor[conn.monitor] = conn
         log.info("connecting to broker %s (connection %d), capacity %d", conn.endpoint, conn.generation, share)
 
     def _confirm(self, conn: BrokerConnection, now: float) -> None:
@@ -405,7 +427,25 @@ class Engine:
         if sock is not None:
             self._poller.unregister(sock)
             del self._by_sock[sock]
+            if conn.monitor is not None:
+                self._poller.unregister(conn.monitor)
+                del self._by_monitor[conn.monitor]
             conn.close(linger_ms)
+
+    def _on_monitor(self, conn: BrokerConnection, now: float) -> None:
+        """CURVE only: a broker refused our handshake. Loud, and final once every broker has:
+        the loop ends and run() raises AuthenticationFailed."""
+        why = conn.read_monitor()
+        if why is None:
+            return
+        log.error("broker %s refused this worker: %s", conn.endpoint, why)
+        self._close(conn, 0)
+        conn.schedule_retry_refused(now)
+        self._rebalance(now)
+        self._dirty = True
+        if all(c.refused for c in self.conns):
+            self.refused = AuthenticationFailed(f"broker {conn.endpoint}: {why}")
+            self._finished = True
 
     def _remove(self, conn: BrokerConnection, linger_ms: int = 0) -> None:
         self._close(conn, linger_ms)
@@ -436,7 +476,7 @@ class Engine:
                 return
             conn.send(_DRAIN_FRAMES, now)
             conn.state = DRAINING
-            conn.share = 0
+            conn.set_share(0, now + self.heartbeat)  # requests already on their way still come
             conn.drain_deadline = deadline
             log.info("draining broker %s (%d requests owed)", conn.endpoint, conn.owed)
 
@@ -474,22 +514,23 @@ class Engine:
         self._rebalance(now)
 
     def _rebalance(self, now: float) -> None:
-        """Split the capacity over the confirmed brokers; UPDATE those whose share changed.
-
-        Unconfirmed connections keep what they announced in READY (only capacity nobody else
-        held), so the shares never sum to more than the capacity. Decreases go out first.
-        """
+        """UPDATE the confirmed brokers towards an even split (``_connection.rebalance``): decreases
+        at once, increases only into room no other broker may still hold; ``_short`` meanwhile."""
         if self.stopping:
+            self._short = False
             return
-        active = sorted((c for c in self.conns if c.state == ACTIVE), key=lambda c: c.order)
-        confirmed = [c for c in active if c.confirmed]
-        if not confirmed:
-            return
-        reserved = sum(c.share for c in active if not c.confirmed)
-        shares = split_capacity(self.capacity - reserved, len(confirmed))
-        changes = [(c, s) for c, s in zip(confirmed, shares, strict=True) if c.share != s]
-        changes.sort(key=lambda cs: cs[1] - cs[0].share)
+        held = self.running + len(self.backlog)
+        before = {conn: conn.share for conn in self.conns}
+        changes, self._short = rebalance(self.capacity, held, self.conns, now, self.heartbeat)
         for conn, share in changes:
-            log.info("broker %s: capacity %d -> %d", conn.endpoint, conn.share, share)
-            conn.share = share
+            log.info("broker %s: capacity %d -> %d", conn.endpoint, before[conn], share)
             conn.send((SIGNATURE, encode_update(share, self.weight)), now)
+
+    def _overfilled(self, conn: BrokerConnection, now: float) -> None:
+        """A request arrived with every handler busy (brokers keeping to their shares never do
+        that): it waits here; counted, logged at a bounded rate."""
+        self.overfilled += 1
+        if now - self._overfill_logged_at >= _OVERFILL_LOG_EVERY:
+            self._overfill_logged_at = now
+            log.warning("broker %s sent a request beyond this worker's capacity %d (%d waiting here; "
+                        "%d so far)", conn.endpoint, self.capacity, len(self.backlog), self.overfilled)

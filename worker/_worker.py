@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Any, Final
 
 from zrouter import __version__
 from zrouter.consul import consul_address
+from zrouter.curve import client_keys
 
 from ._context import current_request
 from ._consul_link import BrokerFollower, ConsulRegistration
 from ._engine import Engine
 from ._handlers import AsyncRunner, Reply, Runner, SyncPool
+from ._http import HandlerMetrics, MetricsServer
 from ._inline import InlineEngine
 from ._registration import RegistrationTicker
 
@@ -78,6 +80,10 @@ class Worker:
     and requeue what it held (the worker then registers again). A graceful stop waits for the
     running handler; a second signal interrupts it (when ``run()`` is in the main thread).
 
+    ``http="HOST:PORT"`` serves the worker's own Prometheus metrics on ``GET /metrics`` there
+    (handler duration histogram, handler calls in flight, errors by exception type; port 0 picks
+    a free port, see :attr:`metrics_url`); ValueError for a malformed address.
+
     Several brokers share ``capacity``: each gets a part, announced in READY and changed with
     UPDATE as brokers come and go; :meth:`set_brokers` changes the list at run time.
 
@@ -93,6 +99,12 @@ class Worker:
     ``consul_token`` is the ACL token (default ``$CONSUL_HTTP_TOKEN``). ``broker_service``
     (instead of ``broker``) finds the brokers registered in Consul under that name and follows
     them as they come and go.
+
+    ``curve_server_key`` (the brokers' public ``.key`` file) and ``curve_secret_key`` (this
+    worker's ``.key_secret``) turn CURVE on: every broker connection is encrypted and the broker
+    authenticates the worker's key (brokers found through Consul must all have that server key).
+    A broker that refuses the key is logged at ERROR; when every broker has refused it,
+    ``run()`` raises ``AuthenticationFailed`` with the reason libzmq reported.
     """
 
     def __init__(
@@ -113,6 +125,9 @@ class Worker:
         tags: Iterable[str] = (),
         broker_service: str | None = None,
         inline: bool = False,
+        http: str | None = None,
+        curve_server_key: str | os.PathLike[str] | None = None,
+        curve_secret_key: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(service, str) or not service:
             raise ValueError("service must be a non-empty string")
@@ -126,6 +141,7 @@ class Worker:
             raise ValueError("heartbeat_interval must be > 0 and liveness >= 1")
         if drain_timeout < 0:
             raise ValueError("drain_timeout must be >= 0")
+        curve = client_keys(curve_server_key, curve_secret_key)  # unreadable keys fail here
         consul = consul or None
         if consul is not None:
             consul_address(consul)  # a malformed address fails here, not in a background thread
@@ -148,6 +164,13 @@ class Worker:
         if inline and self.is_async:
             raise ValueError("inline runs sync handlers only (a coroutine handler has its asyncio loop)")
         self.inline = inline
+        # Handler metrics on GET http://HOST:PORT/metrics; without http nothing is timed.
+        self._metrics_server: MetricsServer | None = None
+        self._run_handler = handler
+        if http:
+            metrics = HandlerMetrics(service, capacity)
+            self._metrics_server = MetricsServer(http, metrics)  # ValueError for a bad address
+            self._run_handler = metrics.wrap(handler, self.is_async)
         self.capacity = capacity
         self.weight = weight
         self.heartbeat_interval = heartbeat_interval
@@ -179,9 +202,10 @@ class Worker:
         settings: dict[str, Any] = {
             "service": service, "capacity": capacity, "weight": weight, "heartbeat_interval": heartbeat_interval,
             "liveness": liveness, "meta": self.meta, "drain_timeout": drain_timeout, "brokers": self._brokers,
+            "curve": curve,
         }  # fmt: skip
         self._engine: Engine = (
-            InlineEngine(handler=handler, instance_id=self.instance_id, **settings)
+            InlineEngine(handler=self._run_handler, instance_id=self.instance_id, **settings)
             if inline
             else Engine(runner_factory=self._make_runner, **settings)
         )
@@ -201,14 +225,19 @@ class Worker:
         return list(self._brokers)
 
     @property
+    def metrics_url(self) -> str | None:
+        """``http://HOST:PORT`` of the worker's metrics while it runs with ``http``, else None."""
+        return self._metrics_server.url or None if self._metrics_server is not None else None
+
+    @property
     def running(self) -> bool:
         return self._state == _RUNNING
 
     def _make_runner(self, post: Callable[[Reply], None]) -> Runner:
         name = f"zrouter-worker-{self.service}"
         if self.is_async:
-            return AsyncRunner(post, self.instance_id, self.handler, name)
-        return SyncPool(post, self.instance_id, self.handler, self.capacity, name)
+            return AsyncRunner(post, self.instance_id, self._run_handler, name)
+        return SyncPool(post, self.instance_id, self._run_handler, self.capacity, name)
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -237,8 +266,12 @@ class Worker:
         if self._follower is not None:
             self._follower.start()  # delivers through set_brokers, which the loop picks up
         try:
+            if self._metrics_server is not None:
+                self._metrics_server.start()
             self._engine.run(on_started=ticker.start if ticker is not None else None)
         finally:
+            if self._metrics_server is not None:
+                self._metrics_server.close()
             if self._follower is not None:
                 self._follower.stop()
             if ticker is not None:

@@ -31,6 +31,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from zrouter.errors import AuthenticationFailed
+from zrouter.logfmt import FORMATS, configure_logging
+
+from ._context import current_request
 from ._worker import DEFAULT_BROKER, Worker, _is_async
 
 __all__ = ["build_parser", "load_handler", "main", "with_delay"]
@@ -112,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
              "--heartbeat x --liveness (a longer one makes the broker declare the worker dead and requeue)",
     )  # fmt: skip
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    p.add_argument(
+        "--log-format", default="text", choices=FORMATS,
+        help="json: one JSON object a line (keys ts, level, logger, event, service, instance; rid in handlers)",
+    )  # fmt: skip
+    p.add_argument(
+        "--http", metavar="HOST:PORT",
+        help="serve this worker's Prometheus metrics on GET /metrics there (port 0: a free port, logged)",
+    )  # fmt: skip
     g = p.add_argument_group("Consul (optional)")
     g.add_argument(
         "--consul", default=os.environ.get("CONSUL_HTTP_ADDR") or None, metavar="HOST:PORT",
@@ -127,17 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--broker-service", metavar="NAME",
         help="find the brokers in Consul under this service name (e.g. zrouter-broker) instead of --broker",
     )  # fmt: skip
+    c = p.add_argument_group("CURVE (see README, Security)")
+    c.add_argument("--curve-server-key", metavar="FILE", help="the brokers' public .key file")
+    c.add_argument("--curve-secret-key", metavar="FILE", help="this worker's .key_secret file (from zrouter-keys)")
     return p
+
+
+def _log_context() -> dict[str, Any] | None:
+    """For JSON logs: the request id of the handler call that logs (None outside handlers)."""
+    info = current_request()
+    return None if info is None else {"rid": info.rid}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=str(args.log_level).upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    json_logs = configure_logging(
+        str(args.log_level).upper(), args.log_format, static={"service": args.service}, context=_log_context,
         stream=sys.stderr,
-    )
+    )  # fmt: skip
     try:
         handler = with_delay(load_handler(args.handler), args.delay)
     except (ImportError, AttributeError, ValueError, TypeError) as exc:
@@ -167,8 +187,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             tags=args.tag,
             broker_service=args.broker_service,
             inline=args.inline,
+            http=args.http,
+            curve_server_key=args.curve_server_key,
+            curve_secret_key=args.curve_secret_key,
         )
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OSError, RuntimeError) as exc:
         parser.error(str(exc))
-    worker.run()
+    if json_logs is not None:
+        json_logs.static["instance"] = worker.instance_id
+    try:
+        worker.run()
+    except AuthenticationFailed as exc:
+        logging.getLogger("zrouter.worker").error("stopping: %s", exc)
+        return 3
     return 0

@@ -8,12 +8,23 @@ instead of scanning every worker on every request.
 
 Call protocol, from the broker (and the unit tests):
 
-- ``add(ep)``: ``ep`` became eligible; read its current ``outstanding``/``weight``/``ewma``.
-- ``remove(ep)``: ``ep`` is no longer eligible (full, draining, unhealthy or gone).
-- ``changed(ep)``: ``ep`` stays eligible but its ``outstanding``, ``weight`` or ``ewma`` changed.
+- ``add(ep)``: ``ep`` became eligible; read its current ``outstanding``/``weight``.
+- ``remove(ep)``: ``ep`` is no longer eligible (full, draining, unhealthy or gone). It may come
+  back with ``add``: a policy may keep what it knows of it (a rotation place, a latency) until
+  ``forget``.
+- ``changed(ep)``: ``ep`` stays eligible but its ``outstanding`` or ``weight`` changed.
 - ``pick(key)``: one eligible endpoint, or ``None`` when there is none. Picking does not change
   the endpoint: the broker then increments ``ep.outstanding`` and calls ``changed`` (or
   ``remove`` when the worker became full).
+- ``done(ep, latency_s, now)``: a request ``ep`` held was answered, ``latency_s`` seconds after
+  it was sent, at monotonic time ``now`` (s). Called before the ``outstanding`` decrement is
+  reported (``changed``, or ``add`` when the reply freed a full worker's credit), whether ``ep``
+  is eligible or not. The completion hook of go-zero's p2c balancer (``done``): the broker
+  reports latency, each policy keeps what it needs of it (p2c-ewma its EWMAs), and endpoints
+  carry no per-policy fields.
+- ``forget(ep)``: ``ep`` is gone for good (disconnected, lost, replaced); called after
+  ``remove`` if it was eligible. Drop anything kept about it, so a policy's memory is bounded
+  by the workers the broker knows.
 """
 
 from __future__ import annotations
@@ -36,9 +47,6 @@ class Endpoint(Protocol):
 
     @property
     def weight(self) -> float: ...  # effective weight, > 0 while eligible
-
-    @property
-    def ewma(self) -> float: ...  # latency EWMA in seconds (0.0 until the first reply)
 
 
 POLICIES: dict[str, type[Policy]] = {}
@@ -65,7 +73,13 @@ class Policy(ABC):
     def remove(self, ep: Endpoint) -> None: ...
 
     def changed(self, ep: Endpoint) -> None:  # noqa: B027 - a no-op is right for load-blind policies
-        """``ep``'s load, weight or latency changed; it is still eligible."""
+        """``ep``'s load or weight changed; it is still eligible."""
+
+    def done(self, ep: Endpoint, latency_s: float, now: float) -> None:  # noqa: B027 - most ignore latency
+        """A request ``ep`` held was answered after ``latency_s`` seconds, at time ``now`` (s)."""
+
+    def forget(self, ep: Endpoint) -> None:  # noqa: B027 - only policies that remember workers care
+        """``ep`` is gone for good: drop what is kept about it (a no-op for one never seen)."""
 
     @abstractmethod
     def pick(self, key: bytes | None = None) -> Endpoint | None: ...

@@ -8,11 +8,18 @@ workers avoids the herd behaviour of always taking the global minimum on stale d
 broker and every request piling onto the same momentarily-best worker) while still steering
 work away from slow or busy workers; and it is O(1) regardless of the worker count.
 
-Two go-zero details are kept:
+Latency comes from the broker's completion reports (``done``): each worker's time-decayed EWMA
+and the service's current estimate, their mean, kept by a ``LatencyTracker`` here rather than on
+the broker's worker records.
 
-- A worker with no latency sample yet (ewma 0) is costed at ``COLD_START_EWMA`` rather than 0,
-  so a new worker wins against most measured ones and gets tried, yet its own outstanding count
-  still grows its load, so it is not flooded before its first reply comes back.
+- A worker with no reply yet is costed at the service's estimate: an average worker, so it gets
+  about an average share of the work until its first reply says what it is. go-zero costs it
+  optimistically instead, and so did this module (1 ms): in a busy service (24 in flight over 4
+  workers, capacity 16 each) a newcomer then looked cheaper than anyone until it held all 16,
+  its fair share being 6, and a slow newcomer (300 ms) made all 16 wait. ``COLD_START_EWMA`` is
+  used only before the service has any sample, when every worker is costed alike and the
+  outstanding counts alone decide. (Slow start, ``--slow-start``, limits a newcomer's credits
+  further, for every policy.)
 - Force pick: if the loser of the pair has not been picked for ``FORCE_PICK`` seconds, it is
   taken anyway. A worker whose EWMA is stale-high (it was slow once) would otherwise never be
   picked again, and so never get the fresh samples that would show it recovered. Unlike
@@ -22,51 +29,31 @@ Two go-zero details are kept:
 
 Unlike go-zero, where a new connection counts as never picked (and so is force-pickable at
 once), a worker's pick clock starts when it is added: the broker removes and re-adds a worker
-every time it runs out of credit, and that churn must not earn it force picks. The cold-start
-cost already gets brand-new workers tried.
+every time it runs out of credit, and that churn must not earn it force picks. A worker's EWMA
+outlives such removals; it is dropped when the broker ``forget``s the worker.
 
 Time comes from ``self.clock`` (``time.monotonic`` by default) so tests can drive it.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable
 
 from zrouter.broker.policies._indexed import IndexedSet
+from zrouter.broker.policies._latency import DECAY_TIME, LatencyTracker, update_ewma
 from zrouter.broker.policies.base import Endpoint, Policy
 
-__all__ = ["COLD_START_EWMA", "DECAY_TIME", "FORCE_PICK", "P2CEwma", "load", "update_ewma"]
-
-# Seconds for an old latency sample's weight to fall to 1/e; Finagle's and go-zero's default:
-# long enough to ride out single outliers, short enough to notice a worker slowing down in ~10 s.
-DECAY_TIME = 10.0
+__all__ = ["COLD_START_EWMA", "DECAY_TIME", "FORCE_PICK", "P2CEwma", "update_ewma"]
 
 # go-zero's forcePick: after this many seconds unpicked, a worker is tried despite its load,
 # to refresh an EWMA that may be stale-high.
 FORCE_PICK = 1.0
 
-# Latency (s) assumed for a worker with no reply yet: below typical service latencies so new
-# workers get tried, not 0 so their outstanding count still weighs in.
+# Latency (s) assumed while the service has no sample at all: every worker is then costed alike,
+# and any value > 0 lets the outstanding counts decide.
 COLD_START_EWMA = 1e-3
-
-
-def update_ewma(old: float, rtt: float, elapsed: float, tau: float = DECAY_TIME) -> float:
-    """go-zero's time-decayed EWMA: the new sample ``rtt`` (s) weighs more the longer it has been
-    (``elapsed`` s) since the previous one, so a burst of samples does not swamp the history and
-    one sample after a long quiet spell mostly replaces it. The first sample (``old == 0``) is
-    taken as is. A negative ``elapsed`` (clock skew) counts as 0."""
-    if old == 0.0:
-        return rtt
-    beta = math.exp(-max(elapsed, 0.0) / tau)
-    return old * beta + rtt * (1.0 - beta)
-
-
-def load(ep: Endpoint) -> float:
-    """Lower is better; see the module docstring."""
-    return (ep.ewma or COLD_START_EWMA) * (ep.outstanding + 1)
 
 
 class P2CEwma(Policy):
@@ -75,8 +62,15 @@ class P2CEwma(Policy):
     def __init__(self, rng: random.Random | None = None) -> None:
         super().__init__(rng)
         self.clock: Callable[[], float] = time.monotonic
+        self.latency: LatencyTracker[Endpoint] = LatencyTracker()
         self._members: IndexedSet[Endpoint] = IndexedSet()
         self._picked_at: dict[Endpoint, float] = {}
+
+    def load(self, ep: Endpoint) -> float:
+        """Expected wait (s) at ``ep`` for one more request: its latency EWMA (the service's
+        estimate before its first reply) times (outstanding + 1). Lower is better."""
+        latency = self.latency
+        return (latency.ewma(ep) or latency.estimate() or COLD_START_EWMA) * (ep.outstanding + 1)
 
     def add(self, ep: Endpoint) -> None:
         self._members.add(ep)
@@ -90,6 +84,14 @@ class P2CEwma(Policy):
         # Load and latency are read fresh on every pick; only membership needs checking.
         if ep not in self._members:
             raise KeyError(ep)
+
+    def done(self, ep: Endpoint, latency_s: float, now: float) -> None:
+        self.latency.observe(ep, latency_s, now)
+
+    def forget(self, ep: Endpoint) -> None:
+        if ep in self._members:
+            raise ValueError(f"{ep!r} is still eligible: remove it first")
+        self.latency.forget(ep)
 
     def pick(self, key: bytes | None = None) -> Endpoint | None:
         members = self._members
@@ -106,6 +108,7 @@ class P2CEwma(Policy):
             if j >= i:  # distinct from i, still uniform over the other n - 1
                 j += 1
             best, other = members[i], members[j]
+            load = self.load
             if load(best) > load(other):
                 best, other = other, best
             stale = not other.outstanding and now - self._picked_at[other] > FORCE_PICK

@@ -20,14 +20,26 @@ Considered and rejected: EDF / virtual-time scheduling as in Envoy (O(log n) alw
 the long-run proportions but not nginx's interleaving (5, 1, 1 gives a a a a then a tie between
 a, b and c), and nginx's interleaving is the point of this policy.
 
-Membership changes, which nginx (a fixed peer list) does not have: a worker (re)added starts at
-current weight 0, like a peer in a freshly loaded nginx config; a removed worker's current weight
-is forgotten, since the interface cannot tell "full for a moment" from "gone for good" and
-remembering every worker ever seen would leak. A worker that runs out of credit right after a
-pick thus comes back at 0 rather than at its (negative) post-pick value: a small boost, and only
-while it is saturated, when its credit limit rather than this policy caps its share.
-A weight change keeps the worker's current weight, as nginx does when it adjusts
-``effective_weight``.
+Membership changes, which nginx (a fixed peer list) does not have. The broker takes a worker out
+of the policy whenever it has no free credit and puts it back when a reply frees one, which at
+low capacity is after nearly every pick. nginx skips such a peer (``max_conns`` reached, or down)
+and leaves its ``current_weight`` alone, so that is what ``remove`` does here: the worker is
+parked with its current weight and its place in the order, is not counted in the total while
+out, and ``add`` resumes it exactly where it was. Forgetting the running weight instead (and
+re-adding at 0, last in order) was a steady bias: with weights 3:1 at capacity 1, one request at
+a time, the heavy worker got 66.7% instead of 75%, with 2:1 50% instead of 67%. Only a worker
+never seen, or one ``forget`` dropped (the broker calls it when the worker is gone for good),
+starts at current weight 0, last in order, like a peer in a freshly loaded nginx config; parked
+workers therefore cost memory only while the broker itself knows them. A weight change keeps the
+worker's current weight, as nginx does when it adjusts ``effective_weight``; a parked worker whose
+weight changed resumes with its new weight.
+
+While a worker is out, the others take its turns and it does not make them up later (nginx's
+choice too: a burst at the worker that just filled up would hurt most where it is busiest). So
+once the credits fill up, shares follow credits and worker speeds rather than weights: with
+workers as fast as their weights say they hold at every capacity and load (tests/unit/policies/
+test_weighted.py); a share larger than a worker's share of the credits is out of reach for any
+policy that never holds a request back while a worker has a free credit.
 """
 
 from __future__ import annotations
@@ -62,6 +74,8 @@ class Weighted(Policy):
         self._members: dict[Endpoint, _Member] = {}
         # One heap per distinct weight, keyed by (-offset, order): its top is that class's leader.
         self._classes: dict[float, LazyHeap[Endpoint]] = {}
+        # Workers taken out (full, draining, unhealthy): (current weight, order) to resume with.
+        self._parked: dict[Endpoint, tuple[float, int]] = {}
         self._rounds = 0  # picks since the last rebase
         self._total = 0.0
         self._order = itertools.count()
@@ -70,16 +84,24 @@ class Weighted(Policy):
         if ep in self._members:
             raise ValueError(f"{ep!r} is already present")
         weight = ep.weight
-        m = self._members[ep] = _Member(weight, -self._rounds * weight, next(self._order))
+        parked = self._parked.pop(ep, None)
+        current, order = parked if parked is not None else (0.0, next(self._order))
+        m = self._members[ep] = _Member(weight, current - self._rounds * weight, order)
         self._total += weight
         self._file(ep, m)
 
     def remove(self, ep: Endpoint) -> None:
         m = self._members.pop(ep)
+        self._parked[ep] = (self._rounds * m.weight + m.offset, m.order)
         self._total -= m.weight
         self._unfile(ep, m.weight)
         if not self._members:
             self._total = 0.0  # shed the rounding error the running sum has collected
+
+    def forget(self, ep: Endpoint) -> None:
+        if ep in self._members:
+            raise ValueError(f"{ep!r} is still eligible: remove it first")
+        self._parked.pop(ep, None)
 
     def changed(self, ep: Endpoint) -> None:
         m = self._members[ep]

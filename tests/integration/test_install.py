@@ -39,7 +39,7 @@ def test_wheel_installs_under_one_name(tmp_path: Path) -> None:
     for name in ("client", "worker", "broker"):
         gone = subprocess.run([str(py), "-c", f"import {name}"], cwd=work, capture_output=True, text=True, timeout=60)
         assert gone.returncode != 0 and "ModuleNotFoundError" in gone.stderr, (name, gone.stdout, gone.stderr)
-    for script in ("zrouter-broker", "zrouter-worker"):
+    for script in ("zrouter-broker", "zrouter-worker", "zrouter-keys"):
         out = subprocess.run([str(env_dir / "bin" / script), "--help"], cwd=work, capture_output=True, text=True,
                              timeout=60)
         assert out.returncode == 0 and script in out.stdout, out.stderr

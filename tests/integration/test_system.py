@@ -17,6 +17,7 @@ import zmq
 from zrouter.client import AsyncClient, Client, RemoteError, RequestTimeout, ServiceUnavailable, WorkerLost
 from tests.procs import ProcessGroup
 from zrouter import protocol as p
+from zrouter.broker.server import LOG_PEER_BURST
 from zrouter.errors import MessageTooLarge, ProtocolError
 from zrouter.transport import recv_frames
 
@@ -313,8 +314,9 @@ def test_bad_input_gets_clear_errors_and_the_broker_keeps_serving(procs: Process
         gone.close()
         assert client.request("echo", b"still here") == b"still here"
     assert broker.popen is not None and broker.popen.poll() is None
-    broker.wait_for("bad request from client", len(cases))  # the log reader may lag the replies
-    assert broker.count("bad request from client") == len(cases)
+    # One peer's bad requests are logged at a paced rate: the first LOG_PEER_BURST at once.
+    broker.wait_for("bad request from client", LOG_PEER_BURST)  # the log reader may lag the replies
+    assert broker.count("bad request from client") == LOG_PEER_BURST < len(cases)
 
 
 def test_broker_exits_cleanly_on_sigterm_answering_what_it_queued(

@@ -253,13 +253,14 @@ def test_liveness_removes_silent_workers_and_heartbeats_the_rest() -> None:
     assert [i for i, h, _ in sink.to_workers if h == [p.HEARTBEAT]] == [b"w2"]
 
 
-def test_ready_again_on_the_same_connection_replaces_the_old_state() -> None:
+def test_a_different_ready_on_the_same_connection_replaces_the_old_state() -> None:
     r, sink = make()
     ready(r, b"w1")
     send(r, 1)
-    ready(r, b"w1", now=0.5)
+    ready(r, b"w1", capacity=2, now=0.5)
     # The request held under the old registration is requeued to the new one.
     assert [h[4] for h in sink.requests_to(b"w1")] == [0, 1]
+    assert r.workers[b"w1"].capacity == 2
 
 
 def test_shutdown_answers_queued_and_refuses_new() -> None:
@@ -317,11 +318,27 @@ def test_every_policy_keeps_credits_and_answers_each_request_once(policy: str) -
     assert set(sink.replies()) == set(range(next_crid))
 
 
-def test_a_worker_heartbeating_slower_than_the_broker_gets_a_longer_silence_limit() -> None:
-    r, _ = make(liveness_timeout=0.6, liveness=3)
-    r.worker_ready(b"slow", p.Ready("svc", 1, 1, {"instance": "slow", "heartbeat_ms": "1000"}), 0.0)
-    r.worker_ready(b"same", p.Ready("svc", 1, 1, {"instance": "same", "heartbeat_ms": "200"}), 0.0)
+def test_each_worker_is_judged_by_the_heartbeat_interval_it_declares() -> None:
+    r, _ = make(liveness_timeout=0.6, liveness=3)  # the broker's own interval: 0.2 s
+    for name, ms in [("slow", 1000), ("same", 200)]:
+        r.worker_ready(name.encode(), p.decode_ready(p.encode_ready("svc", 1, 1, {"instance": name, "heartbeat_ms": str(ms)})), 0.0)
     r.tick(2.0, heartbeat=False)
     assert set(r.workers) == {b"slow"}
     r.tick(3.1, heartbeat=False)
     assert r.workers == {}
+
+
+def test_replies_report_latency_to_the_policy_and_a_lost_worker_is_forgotten() -> None:
+    """The completion hook: the router tells the policy each reply's latency (it keeps no EWMA
+    of its own) and tells it when a worker is gone for good."""
+    from zrouter.broker.policies.p2c_ewma import P2CEwma
+
+    r, sink = make("p2c-ewma")
+    w = ready(r, b"w1", capacity=1)
+    policy = r.services["svc"].policy
+    assert isinstance(policy, P2CEwma)
+    send(r, 1, now=1.0)
+    reply(r, b"w1", sink.requests_to(b"w1")[0][1], now=1.25)  # full until this reply
+    assert policy.latency.ewma(w) == pytest.approx(0.25)
+    r.remove_worker(w, "test", 2.0)
+    assert len(policy.latency) == 0
