@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import zmq
 
+from tests.observe_helpers import broker_with_http, scrape
 from tests.procs import ProcessGroup
 from zrouter import protocol as p
 from zrouter.client import Client
@@ -151,7 +152,7 @@ def test_client_that_never_reads_its_replies(procs: ProcessGroup, ctx: zmq.Conte
     """40,000 requests of 4 KB to an echo worker from a client that reads nothing: the broker
     holds the client's 1,000 requests and 1,000 queued replies, counts and logs the replies it
     cannot queue, and keeps serving others. Before: ~160 MB here, kept after the client left."""
-    broker = procs.broker(heartbeat=5.0)  # the scripted probe worker sends no heartbeats
+    broker, url = broker_with_http(procs, "--heartbeat", "5")  # the scripted probe sends no heartbeats
     procs.worker(broker, service="echo", handler="zrouter.worker.examples:echo", capacity=50, heartbeat=5.0,
                  extra=["--inline"])
     probe = dealer(ctx, broker.backend)
@@ -168,6 +169,7 @@ def test_client_that_never_reads_its_replies(procs: ProcessGroup, ctx: zmq.Conte
     growth = peak.growth()
     broker.wait_for("reply to client [0-9a-f]+ dropped: it has 1000 replies unread")
     assert growth < 40, f"broker grew {growth:.1f} MB"
+    assert scrape(url)[("zrouter_undeliverable_replies_total", ())] > 1000  # counted, not lost unsaid
     client.close()
     with Client(broker.frontend, timeout=10) as other:
         assert other.request("echo", b"still served") == b"still served"
@@ -193,7 +195,7 @@ def test_unread_reply_bytes_are_bounded_and_every_request_still_gets_one_reply(
     """100 small requests whose replies are 1 MiB each, from a client that does not read: the
     broker queues about --max-client-unread-bytes (16 MiB) of them and answers the rest
     TOO_LARGE, so once the client reads it finds exactly one reply per request."""
-    broker = procs.broker(heartbeat=5.0)
+    broker, url = broker_with_http(procs, "--heartbeat", "5")  # the scripted worker sends no heartbeats
     stop = threading.Event()
     thread = threading.Thread(target=_big_replier, args=(ctx, broker.backend, MB, stop), daemon=True)
     thread.start()
@@ -215,6 +217,7 @@ def test_unread_reply_bytes_are_bounded_and_every_request_still_gets_one_reply(
     assert sorted(r.rid for r in got) == list(range(1, 101)), statuses
     assert set(statuses) == {p.STATUS_OK, p.STATUS_TOO_LARGE} and statuses[p.STATUS_OK] >= 10, statuses
     assert all("was served" in (r.message or "") for r in got if r.status == p.STATUS_TOO_LARGE)
+    assert scrape(url)[("zrouter_unread_overflow_replies_total", ())] == statuses[p.STATUS_TOO_LARGE]
     assert growth < 50, f"broker grew {growth:.1f} MB"
 
 
