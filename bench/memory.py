@@ -13,8 +13,8 @@ bound README.md documents for it (the dashed line: RSS before the flood + that b
   with 4 KB payloads the count bounds come first (1,000 requests, 1,000 replies, and 128
   requests read ahead).
 - ``bigreply``: a client that never reads asks, 100 times a second, a worker that answers every
-  request with 1 MiB. Bound: --max-client-unread-bytes (16 MiB, + 1/16); the rest are
-  answered TOO_LARGE.
+  request with 1 MiB. Bound: --max-client-unread-bytes (16 MiB, + 1/16) and the reply being
+  routed (1 MiB); the rest are answered TOO_LARGE.
 - ``oversize``: a client sends a 64 MiB frame 4 times a second (limit 16 MiB). Bound: nothing:
   libzmq drops the connection when it reads the frame's size.
 
@@ -47,7 +47,7 @@ FLOODS: dict[str, tuple[str, float]] = {
     "unserved": ("4,000 req/s x 4 KB to a service nobody serves", 4000 * (4 + 1.5) / 1024),
     "hoard": ("worker: capacity 1,000,000, never reads or replies; 256 KB at 200/s", 16 + 16),
     "noread": ("client: 150,000 x 4 KB, never reads", 16 + 16),
-    "bigreply": ("client never reads 1 MiB replies", 16 * 17 / 16),
+    "bigreply": ("client never reads 1 MiB replies", 16 * 17 / 16 + 1),
     "oversize": ("client: 64 MiB frames, limit 16 MiB", 0.0),
 }
 # Peaks may pass a bound by the allocator's slack (freed memory glibc keeps for reuse).
@@ -176,8 +176,13 @@ def plot(res: dict[str, Any], outdir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     floods = res["floods"]
-    fig, axes = plt.subplots(1, len(floods), figsize=(4.2 * len(floods), 3.8), sharey=True)
-    for ax, (name, f) in zip(axes, floods.items(), strict=True):
+    cols = 3
+    rows_ = (len(floods) + cols - 1) // cols
+    fig, grid = plt.subplots(rows_, cols, figsize=(4.4 * cols, 3.4 * rows_), sharey=True, squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[len(floods):]:
+        ax.set_visible(False)
+    for ax, (name, f) in zip(axes, floods.items(), strict=False):
         t = [s[0] for s in f["samples"]]
         ax.plot(t, [s[1] for s in f["samples"]], color="#1f77b4", label="broker RSS growth")
         ax.axhline(f["bound_mb"], color="#d62728", linestyle="--", linewidth=1, label="documented bound")
@@ -185,8 +190,9 @@ def plot(res: dict[str, Any], outdir: Path) -> list[Path]:
         ax.set_title(f"{name}\n{f['title']}", fontsize=8)
         ax.set_xlabel("s")
         ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel(f"MB above RSS before the flood (~{min(f['base_mb'] for f in floods.values()):.0f} MB)")
-    axes[0].legend(loc="upper left", fontsize=7)
+    for row in grid:
+        row[0].set_ylabel(f"MB above RSS before (~{min(f['base_mb'] for f in floods.values()):.0f} MB)")
+    axes[0].legend(loc="lower right", fontsize=7)
     fig.suptitle("Broker memory under floods, default settings: every curve levels off at its bound", fontsize=10)
     fig.tight_layout()
     path = outdir / "memory.png"
