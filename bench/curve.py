@@ -36,6 +36,7 @@ from bench.harness import (
     fmt_ratio,
     median,
     progress,
+    save_plot,
     start_zrouter,
 )
 from bench.peers import ZROUTER_WORKER_ARGS
@@ -172,11 +173,7 @@ def plot(res: dict[str, Any], outdir: Path) -> list[Path]:
     ax2.set_title("One request at a time")
     ax2.legend()
     fig.suptitle("What CURVE costs: the same broker + 2 echo workers, plain and with CURVE")
-    fig.tight_layout()
-    path = outdir / "curve.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_plot(fig, outdir, "curve")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

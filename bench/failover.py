@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Cluster, Row, Settings, median, percentile, progress, run_client, start_zrouter
+from bench.harness import Cluster, Row, Settings, median, percentile, progress, run_client, save_plot, start_zrouter
 
 __all__ = ["analyse", "plot", "rows", "run"]
 
@@ -125,8 +125,4 @@ def plot(res: dict[str, Any], outdir: Path) -> list[Path]:
                  f"kill -> requeued reply {res['rounds'][0]['kill_to_requeued_ms']:.1f} ms")
     ax.legend(loc="upper left")
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    path = outdir / "failover.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_plot(fig, outdir, "failover")

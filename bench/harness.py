@@ -47,6 +47,7 @@ __all__ = [
     "progress",
     "rss_bytes",
     "run_client",
+    "save_plot",
     "start_zrouter",
     "thread_cpu",
 ]
@@ -375,3 +376,15 @@ def fmt_int(x: float) -> str:
 
 def fmt_ratio(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:.2f}x"
+
+
+def save_plot(fig: Any, outdir: Path, name: str) -> list[Path]:
+    """Lay out a section's matplotlib figure, write it to ``outdir/NAME.png`` and close it;
+    returns ``[path]``, what a section's ``plot()`` returns."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = outdir / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Cluster, Row, Settings, fmt_ratio, median, progress, run_client
+from bench.harness import Cluster, Row, Settings, fmt_ratio, median, progress, run_client, save_plot
 from bench.peers import start_systems
 from bench.throughput import CAPACITY, LABELS
 
@@ -79,8 +79,4 @@ def plot(res: dict[str, Any], outdir: Path) -> list[Path]:
     ax.set_title(f"One request at a time: latency CDF (median run of {res['count']} requests)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    path = outdir / "latency.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_plot(fig, outdir, "latency")

@@ -32,7 +32,7 @@ from bisect import bisect_left
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Cluster, Proc, Row, Settings, fmt_int, median, progress, start_zrouter
+from bench.harness import Cluster, Proc, Row, Settings, fmt_int, median, progress, save_plot, start_zrouter
 from bench.peers import ZROUTER_WORKER_ARGS
 from bench.throughput import CAPACITY, INFLIGHT, measure_pipe
 from zrouter.broker.counters import BOUNDS, ServiceStats
@@ -208,9 +208,5 @@ def plot(res: dict[str, Any], outdir: Path) -> list[Path]:
     ax.set_ylabel("requests / s (median; dots: runs)")
     ax.set_title(f"Cost of metrics: on/off = {res['ratio']:.3f} (target >= 0.95)")
     ax.margins(y=0.15)
-    fig.tight_layout()
-    path = outdir / "metrics.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_plot(fig, outdir, "metrics")
 

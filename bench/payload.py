@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Cluster, Row, Settings, fmt_ratio, median, progress
+from bench.harness import Cluster, Row, Settings, fmt_ratio, median, progress, save_plot
 from bench.peers import start_python_forwarder, start_systems
 from bench.throughput import CAPACITY, INFLIGHT, LABELS, measure_pipe
 
@@ -109,8 +109,4 @@ def plot(res: dict[str, Any], outdir: Path) -> list[Path]:
         ax.legend()
     axes[0].set_title(f"Payload size: throughput ({res['inflight']} in flight)")
     axes[1].set_title("Broker user CPU per request (copies show here)")
-    fig.tight_layout()
-    path = outdir / "payload.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_plot(fig, outdir, "payload")

@@ -79,13 +79,19 @@ def _watch_backend(back: zmq.Socket[bytes]) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def proxy_broker(frontend: str, backend: str) -> None:
+def _bind_proxy_sockets(frontend: str, backend: str) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
+    """(ROUTER bound to ``frontend``, DEALER bound to ``backend``), the DEALER watched."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     front = ctx.socket(zmq.ROUTER)
     back = ctx.socket(zmq.DEALER)
     front.bind(frontend)
     back.bind(backend)
     _watch_backend(back)
+    return front, back
+
+
+def proxy_broker(frontend: str, backend: str) -> None:
+    front, back = _bind_proxy_sockets(frontend, backend)
     _say("proxy listening")
     zmq.proxy(front, back)
 
@@ -94,12 +100,7 @@ def python_forwarder(frontend: str, backend: str, copy: bool) -> None:
     """``zmq.proxy`` written in Python: the reference for what forwarding costs a Python broker
     that never copies a payload (``copy=False``: frames passed on by reference), and what one
     copy of every frame each way adds (``copy=True``). Used by the payload section only."""
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    front = ctx.socket(zmq.ROUTER)
-    back = ctx.socket(zmq.DEALER)
-    front.bind(frontend)
-    back.bind(backend)
-    _watch_backend(back)
+    front, back = _bind_proxy_sockets(frontend, backend)
     poller = zmq.Poller()
     poller.register(front, zmq.POLLIN)
     poller.register(back, zmq.POLLIN)

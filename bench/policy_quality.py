@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Cluster, Row, Settings, median, percentile, progress, run_client, start_zrouter
+from bench.harness import Cluster, Row, Settings, median, percentile, progress, run_client, save_plot, start_zrouter
 
 __all__ = ["POLICIES", "analyse", "plot", "rows", "run"]
 
@@ -111,8 +111,4 @@ def plot(res: dict[str, Any], outdir: Path) -> list[Path]:
                  f"capacity {res['capacity']}), Poisson load {res['load']:.0%} = {res['rate']:.0f} req/s")
     ax.legend()
     ax.grid(True, axis="y", which="both", alpha=0.3)
-    fig.tight_layout()
-    path = outdir / "policy_quality.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_plot(fig, outdir, "policy_quality")

@@ -27,6 +27,7 @@ from bench.harness import (
     free_tcp_endpoint,
     progress,
     rss_bytes,
+    save_plot,
     thread_cpu,
 )
 from bench.throughput import INFLIGHT, measure_pipe
@@ -189,8 +190,4 @@ def plot(res: dict[str, Any], outdir: Path) -> list[Path]:
     a3.legend(fontsize=7)
     for ax in (a1, a2, a3):
         ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    path = outdir / "scale.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_plot(fig, outdir, "scale")

@@ -252,6 +252,8 @@ def rows(res: dict[str, Any]) -> list[Any]:
 def plot(res: dict[str, Any], outdir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
+    from bench.harness import save_plot
+
     scs = res["scenarios"]
     fig, axes = plt.subplots(1, len(scs), figsize=(6 * len(scs), 4.8))
     for ax, (_name, sc) in zip(axes, scs.items(), strict=True):
@@ -267,11 +269,7 @@ def plot(res: dict[str, Any], outdir: Path) -> list[Path]:
         ax.grid(True, axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Simulated policies (zrouter.broker.policies classes, simulated time)")
-    fig.tight_layout()
-    path = outdir / "simulate.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_plot(fig, outdir, "simulate")
 
 
 def main(argv: list[str] | None = None) -> None:

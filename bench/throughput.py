@@ -25,6 +25,7 @@ from bench.harness import (
     median,
     progress,
     run_client,
+    save_plot,
 )
 from bench.peers import System, start_systems
 
@@ -126,8 +127,4 @@ def plot(res: dict[str, Any], outdir: Path) -> list[Path]:
     ax2.set_ylabel("CPU µs per request (median)")
     ax2.set_title("Where the CPU goes (2 cores in all)")
     ax2.legend()
-    fig.tight_layout()
-    path = outdir / "throughput.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_plot(fig, outdir, "throughput")

@@ -10,9 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from collections.abc import Iterator, Sequence
 
 from zrouter.transport import free_tcp_endpoint
 
@@ -162,22 +160,3 @@ class ProcessGroup:
         for p in self.procs:
             p.stop()
 
-
-T = TypeVar("T")
-
-
-def eventually(probe: Callable[[], T | None], timeout: float = 15.0, what: str = "condition") -> T:
-    """Poll *probe* until it returns something truthy; fail after *timeout* seconds. For state
-    that only another process can change (Consul's catalog, a log): bounded, never a bare sleep."""
-    deadline = time.monotonic() + timeout
-    last = probe()
-    while not last:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-        time.sleep(0.05)
-        last = probe()
-    return last
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"

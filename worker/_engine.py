@@ -1,10 +1,13 @@
 """The worker's I/O thread: one zmq poll loop over every broker DEALER and a wake-up socket
 pair; it alone touches those sockets.
 
-Requests go from here to a handler runner (``_handlers``) as jobs; replies come back through
-:meth:`Engine.post` (a deque, plus a wake-up byte unless one is on its way) tagged with a ticket
-that maps to (connection, generation). Other threads talk to the loop only through ``post``,
-:meth:`Engine.request_stop` and :meth:`Engine.set_brokers` (a field set under a lock, a byte).
+Each REQUEST read becomes a :class:`~worker._handlers.Job` and goes to :meth:`Engine._accept`,
+the one step the inline engine (``_inline``) does differently: here it goes to a handler runner
+(``_handlers``), or waits in the backlog while ``capacity`` jobs run. Replies come back through
+:meth:`Engine.post` (a deque, plus a wake-up byte unless one is on its way) with their job, which
+names the connection and generation to answer on. Other threads talk to the loop only through
+``post``, :meth:`Engine.request_stop` and :meth:`Engine.set_brokers` (a field set under a lock,
+a byte).
 """
 
 from __future__ import annotations
@@ -21,26 +24,31 @@ from typing import Any, Final
 import zmq
 
 from zrouter.curve import ClientKeys
-from zrouter.errors import AuthenticationFailed, ProtocolError
+from zrouter.errors import AuthenticationFailed
 from zrouter.protocol import (
-    DISCONNECT,
-    DRAIN,
-    HEARTBEAT,
-    REQUEST,
     SIGNATURE,
     STATUS_BAD_REQUEST,
-    STATUS_TIMEOUT,
-    decode_header,
+    BadMessage,
+    BrokerMessage,
+    Disconnect,
+    Drain,
+    Request,
+    UnknownCommand,
+    check_frames,
+    check_payload_count,
+    decode_broker_message,
+    decode_request,
     encode_disconnect,
     encode_drain,
     encode_ready,
     encode_reply,
     encode_update,
 )
+from zrouter.ratelimit import RateLimiter
 from zrouter.transport import NOBLOCK, recv_frames
 
 from ._connection import ACTIVE, BACKOFF, DRAINING, BrokerConnection, ready_share, rebalance
-from ._handlers import Job, Reply, Runner
+from ._handlers import Answer, Job, Runner, timeout_reply
 
 __all__ = ["Engine"]
 
@@ -51,8 +59,32 @@ _DISCONNECT_LINGER_MS: Final = 1000  # how long a closing socket may spend flush
 _EMPTY: Final = b""
 _DRAIN_FRAMES: Final = (SIGNATURE, encode_drain())
 _OVERFILL_LOG_EVERY: Final = 10.0  # s between warnings about brokers sending beyond the capacity
+# Warnings about bad messages: LOG_BAD_BURST at once per broker, then one per LOG_BAD_EVERY s.
+_LOG_BAD_BURST: Final = 3
+_LOG_BAD_EVERY: Final = 10.0
+_new_job: Final = tuple.__new__  # Job(...) would cost a Python-level __new__ per request
 
-RunnerFactory = Callable[[Callable[[Reply], None]], Runner]  # given Engine.post
+RunnerFactory = Callable[[Callable[[Answer], None]], Runner]  # given Engine.post
+
+
+def _decode(frames: list[zmq.Frame]) -> BrokerMessage:
+    """The message in a broker's ``frames`` (signature, header, payload if any), checked by
+    :mod:`zrouter.protocol`. Raises :class:`~zrouter.protocol.BadMessage` (or
+    :class:`~zrouter.protocol.UnknownCommand`) naming what is wrong.
+
+    Nearly everything a broker sends a worker is a REQUEST: three frames, checked in one pass by
+    :func:`~zrouter.protocol.decode_request` (half the cost of the general decoder). Anything
+    else, or a REQUEST that fails that check, takes the general path."""
+    if len(frames) == 3 and frames[0].bytes == SIGNATURE:
+        try:
+            return decode_request(frames[1].buffer)
+        except BadMessage as exc:
+            if exc.kind != "wrong_command":  # a REQUEST, but a bad one: the error says why
+                raise
+    check_frames(frames, 0)
+    msg = decode_broker_message(frames[1].buffer)
+    check_payload_count(msg, frames, 0)
+    return msg
 
 
 class Engine:
@@ -97,12 +129,10 @@ class Engine:
 
         # I/O thread state.
         self.conns = [BrokerConnection(ep, i) for i, ep in enumerate(brokers)]
-        self.pending: dict[int, tuple[BrokerConnection, int]] = {}  # ticket -> (conn, generation)
         self.backlog: deque[Job] = deque()  # over the local limit: the broker overfilled us
         self.running = 0  # jobs handed to the runner and not yet answered
         self.stopping = False
         self.stop_deadline = math.inf
-        self._next_ticket = 0
         self._dirty = True  # re-run the timers on the next turn of the loop
         self._finished = False
         self._ctx: zmq.Context[Any] | None = None
@@ -110,10 +140,12 @@ class Engine:
         self._by_sock: dict[zmq.Socket[Any], BrokerConnection] = {}
         self._by_monitor: dict[zmq.Socket[Any], BrokerConnection] = {}  # CURVE handshake monitors
         self._submit: Callable[[Job], None] = lambda job: None
-        self._replies: deque[Reply] = deque()  # from the runner's threads (post)
+        self._replies: deque[Answer] = deque()  # from the runner's threads (post)
         self._reply_woken = False  # a wake-up byte for the replies is on its way
         self._short = False  # a broker's share is below its target, waiting for room (_rebalance)
         self.overfilled = 0  # requests that arrived with every handler busy (a broker overdelivered)
+        self.bad_messages = 0  # messages from brokers that broke the protocol (refused)
+        self._log_bad = RateLimiter(1.0 / _LOG_BAD_EVERY, _LOG_BAD_BURST, 64)  # keyed by endpoint
         self._overfill_logged_at = -math.inf
 
     # -- any thread --------------------------------------------------------------------------
@@ -131,7 +163,7 @@ class Engine:
             self._control = True
         self._wake()
 
-    def post(self, reply: Reply) -> None:
+    def post(self, reply: Answer) -> None:
         """A handler's reply, from any thread: queued for the loop, woken if not already due."""
         self._replies.append(reply)
         if not self._reply_woken:  # two threads may both write: a spare wake-up is harmless
@@ -224,89 +256,74 @@ class Engine:
         return now
 
     def _on_broker(self, conn: BrokerConnection, sock: zmq.Socket[Any], now: float) -> None:
+        """Read up to a batch of messages from one broker: REQUESTs go to :meth:`_accept`."""
+        accept = self._accept
         for _ in range(_BATCH):
             try:
                 frames = recv_frames(sock, NOBLOCK)
             except zmq.Again:
                 return
             conn.last_recv = now
-            if len(frames) < 2 or frames[0].bytes != SIGNATURE:
-                log.warning("broker %s sent a message without the zrouter signature", conn.endpoint)
-                continue
             try:
-                header = decode_header(frames[1].buffer)
-            except ProtocolError as exc:
-                log.warning("broker %s sent a bad header: %s", conn.endpoint, exc)
+                msg = _decode(frames)
+            except UnknownCommand as exc:  # a later version's: ignored (docs/protocol.md)
+                log.debug("broker %s sent unknown command %d: ignored", conn.endpoint, exc.command)
                 continue
-            cmd = header[0]
-            if cmd == REQUEST:
-                if not conn.confirmed:
-                    self._confirm(conn, now)
-                self._on_request(conn, header, frames[2] if len(frames) > 2 else None, now)
-            elif self._on_command(conn, cmd, now):
+            except BadMessage as exc:
+                self._refuse(conn, exc, now)
+                continue
+            if not conn.confirmed and type(msg) is not Disconnect:
+                self._confirm(conn, now)
+            if type(msg) is Request:
+                conn.owed += 1
+                accept(_new_job(Job, (conn, conn.generation, msg.rid, msg.service, msg.attempt,
+                                      now + msg.timeout_ms * 0.001, msg.flags, frames[2])), now)  # fmt: skip
+            elif self._on_command(conn, msg, now):
                 return
 
-    def _on_command(self, conn: BrokerConnection, cmd: int, now: float) -> bool:
-        """A command other than REQUEST; True when the socket must not be read on (DISCONNECT)."""
-        if cmd == HEARTBEAT or cmd == DRAIN:
-            if not conn.confirmed:
-                self._confirm(conn, now)
-            if cmd == DRAIN:
-                if conn.state == DRAINING:
-                    conn.drain_acked = True
-                    self._dirty = True
-                else:
-                    log.info("broker %s sent DRAIN unasked: ignored", conn.endpoint)
-        elif cmd == DISCONNECT:
+    def _on_command(self, conn: BrokerConnection, msg: BrokerMessage, now: float) -> bool:
+        """HEARTBEAT, DRAIN or DISCONNECT; True when the socket must not be read on (DISCONNECT)."""
+        kind = type(msg)
+        if kind is Drain:
+            if conn.state == DRAINING:
+                conn.drain_acked = True
+                self._dirty = True
+            else:
+                log.info("broker %s sent DRAIN unasked: ignored", conn.endpoint)
+        elif kind is Disconnect:
             self._on_disconnect(conn, now)
             return True
-        else:
-            log.debug("broker %s sent unknown command %r: ignored", conn.endpoint, cmd)
         return False
 
-    def _reject(self, conn: BrokerConnection, header: list[Any], now: float) -> None:
-        """A REQUEST whose header does not index or add up: BAD_REQUEST if it has a request id."""
-        log.warning("broker %s sent a malformed REQUEST header %r", conn.endpoint, header[:7])
-        if len(header) > 1 and type(header[1]) is int:
-            bad = encode_reply(header[1], STATUS_BAD_REQUEST, 0, "malformed REQUEST header")
+    def _refuse(self, conn: BrokerConnection, exc: BadMessage, now: float) -> None:
+        """A message that breaks the protocol: counted, dropped, logged at a bounded rate; a
+        REQUEST whose rid could be read is answered BAD_REQUEST, so the broker does not wait for
+        it until its deadline."""
+        self.bad_messages += 1
+        skipped = self._log_bad.take(conn.endpoint, now)
+        if skipped is not None:
+            log.warning("broker %s sent a bad message (%s): %s%s", conn.endpoint, exc.kind, exc,
+                        f" [{skipped} similar lines not logged]" if skipped else "")  # fmt: skip
+        if exc.rid and exc.kind != "wrong_command":
+            bad = encode_reply(exc.rid, STATUS_BAD_REQUEST, 0, f"bad request: {exc}")
             conn.send((SIGNATURE, bad, _EMPTY), now)
 
-    def _on_request(self, conn: BrokerConnection, header: list[Any], payload: Any, now: float) -> None:
-        try:
-            job: Job = (self._next_ticket, header[1], header[2], header[4], now + header[3] * 0.001,
-                        header[5], payload)  # fmt: skip
-        except (IndexError, TypeError):
-            self._reject(conn, header, now)
-            return
-        ticket = self._next_ticket
-        self._next_ticket = ticket + 1
-        self.pending[ticket] = (conn, conn.generation)
-        conn.owed += 1
+    def _accept(self, job: Job, now: float) -> None:
+        """Run a request read from a broker: on the runner, or in the backlog while it is full."""
         if self.running < self.capacity:
             self.running += 1
             self._submit(job)
         else:
             self.backlog.append(job)
-            self._overfilled(conn, now)
+            self._overfilled(job.conn, now)
 
     def _on_replies(self, now: float) -> None:
-        pending = self.pending
         replies = self._replies
         pop = replies.popleft
         while replies:  # at most capacity of them
-            ticket, header, payload = pop()
+            job, header, payload = pop()
             self.running -= 1
-            entry = pending.pop(ticket, None)
-            if entry is None:
-                continue
-            conn, generation = entry
-            if conn.generation == generation and conn.sock is not None:
-                conn.reply(header, payload, now)
-                conn.owed -= 1
-                if conn.state == DRAINING and conn.owed == 0:
-                    self._dirty = True
-            else:
-                log.debug("dropping a reply owed to an earlier connection to %s", conn.endpoint)
+            self._reply(job, header, payload, now)
         if self.backlog:
             self._pump_backlog(now)
         if self._short:  # a reply may have made room for a broker waiting on its share
@@ -316,20 +333,33 @@ class Engine:
         backlog = self.backlog
         while backlog and self.running < self.capacity:
             job = backlog.popleft()
-            conn, generation = self.pending[job[0]]
-            if conn.generation != generation or conn.sock is None:
-                del self.pending[job[0]]
-                log.debug("dropping a queued request of an earlier connection to %s", conn.endpoint)
-            elif now >= job[4]:
-                del self.pending[job[0]]
-                conn.owed -= 1
-                late = encode_reply(job[1], STATUS_TIMEOUT, 0, "deadline passed while queued in the worker")
-                conn.send((SIGNATURE, late, _EMPTY), now)
-                if conn.state == DRAINING and conn.owed == 0:
-                    self._dirty = True
-            else:
+            if self._runnable(job, now):
                 self.running += 1
                 self._submit(job)
+
+    def _runnable(self, job: Job, now: float) -> bool:
+        """Whether a job that waited in the worker may still run: not when its connection was
+        replaced meanwhile (dropped) or its deadline passed (answered TIMEOUT)."""
+        conn = job.conn
+        if conn.generation != job.generation or conn.sock is None:
+            log.debug("dropping a queued request of an earlier connection to %s", conn.endpoint)
+            return False
+        if now >= job.deadline:
+            header, payload = timeout_reply(job.rid)
+            self._reply(job, header, payload, now)
+            return False
+        return True
+
+    def _reply(self, job: Job, header: bytes, payload: Any, now: float) -> None:
+        """Send a job's reply on the connection it came from, unless that was replaced since."""
+        conn = job.conn
+        if conn.generation != job.generation or conn.sock is None:
+            log.debug("dropping a reply owed to an earlier connection to %s", conn.endpoint)
+            return
+        conn.reply(header, payload, now)
+        conn.owed -= 1
+        if conn.state == DRAINING and conn.owed == 0:
+            self._dirty = True
 
     def _on_wake(self, now: float) -> None:
         try:

@@ -1,11 +1,12 @@
-"""Running handlers off the I/O thread: a thread pool for sync handlers, an asyncio loop for async.
+"""The request path, once: a :class:`Job` in, :func:`respond` (decode → call → encode) and a
+reply out; and who runs it off the I/O thread: a thread pool for sync handlers, an asyncio loop
+for async ones (the inline engine runs :func:`respond` on the I/O thread itself).
 
-The I/O thread hands each request over as a :data:`Job` tuple; the runner calls the handler
-with the decoded payload and hands the reply back through ``post`` (the engine's
+The I/O thread hands each request over as a :class:`Job`; a runner calls the handler with the
+decoded payload and hands the reply back through ``post`` (the engine's
 :meth:`~worker._engine.Engine.post`: a deque append, plus a wake-up byte only when the I/O thread
-is not already due to look) as a :data:`Reply` ``(ticket, reply header, payload)``. No zmq socket
-is touched off the I/O thread. The I/O thread maps the ticket back to the broker connection
-that sent the request.
+is not already due to look) as an :data:`Answer` ``(job, reply header, payload)``. No zmq socket
+is touched off the I/O thread: the job only carries its connection back to it.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import queue
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from zrouter.errors import ProtocolError
 from zrouter.protocol import (
     STATUS_BAD_REQUEST,
     STATUS_OK,
     STATUS_REMOTE_ERROR,
+    STATUS_TIMEOUT,
     decode_payload,
     encode_payload,
     encode_reply,
@@ -30,16 +32,61 @@ from zrouter.protocol import (
 
 from ._context import RequestInfo, _current
 
-__all__ = ["AsyncRunner", "Job", "Reply", "Runner", "SyncPool"]
+if TYPE_CHECKING:
+    import zmq
+
+    from ._connection import BrokerConnection
+
+__all__ = ["Abandon", "Answer", "AsyncRunner", "Job", "Runner", "SyncPool", "respond", "respond_async", "timeout_reply"]
 
 log = logging.getLogger("zrouter.worker")
 
-# (ticket, rid, service, attempt, deadline, flags, payload frame or None)
-Job = tuple[int, int, str, int, float, int, Any]
-# (ticket, reply header, payload)
-Reply = tuple[int, bytes, Any]
-
 _EMPTY: Final = b""
+_new: Final = tuple.__new__  # builds a NamedTuple without its Python-level __new__: hot path
+
+
+class Job(NamedTuple):
+    """One REQUEST the I/O thread accepted: where its reply goes, and what the handler gets.
+
+    ``deadline`` is on the :func:`time.monotonic` clock (the broker's remaining timeout added to
+    the moment the request was read). The reply is sent only while ``conn`` is still at
+    ``generation``: a reconnect means the broker has already requeued the request elsewhere.
+    """
+
+    conn: BrokerConnection
+    generation: int
+    rid: int
+    service: str
+    attempt: int
+    deadline: float
+    flags: int
+    frame: zmq.Frame | None  # the payload frame (None: the broker sent none)
+
+
+Answer = tuple[Job, bytes, Any]
+"""A runner's result for the I/O thread: (job, reply header, payload frame)."""
+
+
+class Abandon(BaseException):
+    """Raised into a running handler to give its request up unanswered (a forced stop):
+    :func:`respond` lets it out instead of turning it into a remote-error reply."""
+
+
+class _BadPayload(Exception):
+    """The request's payload does not decode (``error`` says why): the sender's fault."""
+
+    def __init__(self, error: ProtocolError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _argument(job: Job) -> Any:
+    """What the handler is called with: the payload, decoded. Raises :class:`_BadPayload`."""
+    frame = job.frame
+    try:
+        return decode_payload(job.flags, _EMPTY if frame is None else frame.bytes)
+    except ProtocolError as exc:
+        raise _BadPayload(exc) from None
 
 
 def _error_reply(rid: int, status: int, exc: BaseException) -> tuple[bytes, Any]:
@@ -50,7 +97,7 @@ def _error_reply(rid: int, status: int, exc: BaseException) -> tuple[bytes, Any]
     return encode_reply(rid, status, 0, message, type(exc).__name__), _EMPTY
 
 
-def _reply(rid: int, result: Any) -> tuple[bytes, Any]:
+def _result_reply(rid: int, result: Any) -> tuple[bytes, Any]:
     try:
         flags, frame = encode_payload(result)
     except Exception as exc:  # the result does not serialise: the handler's fault
@@ -58,15 +105,50 @@ def _reply(rid: int, result: Any) -> tuple[bytes, Any]:
     return encode_reply(rid, STATUS_OK, flags), frame
 
 
-def _decode(job: Job) -> Any:
-    frame = job[6]
-    return decode_payload(job[5], _EMPTY if frame is None else frame.bytes)
+def _failure_reply(rid: int, exc: BaseException) -> tuple[bytes, Any]:
+    """BAD_REQUEST when the payload did not decode, else REMOTE_ERROR: the handler raised."""
+    if type(exc) is _BadPayload:
+        return _error_reply(rid, STATUS_BAD_REQUEST, exc.error)
+    log.debug("handler raised for request %d", rid, exc_info=True)
+    return _error_reply(rid, STATUS_REMOTE_ERROR, exc)
+
+
+def timeout_reply(rid: int) -> tuple[bytes, Any]:
+    """The reply to a request whose deadline passed before a handler could take it."""
+    return encode_reply(rid, STATUS_TIMEOUT, 0, "deadline passed while queued in the worker"), _EMPTY
+
+
+def respond(job: Job, handler: Callable[[Any], Any], instance_id: str) -> tuple[bytes, Any]:
+    """The request path for a sync handler: decode the payload, call ``handler`` with
+    :func:`~worker.current_request` set, encode the result. Returns (reply header, payload).
+
+    Every failure is a reply: an undecodable payload BAD_REQUEST, anything the handler raises
+    (``BaseException`` too: the worker must go on) or a result that does not encode
+    REMOTE_ERROR. Only :class:`Abandon` propagates."""
+    token = _current.set(_new(RequestInfo, (job.rid, job.service, job.attempt, job.deadline, instance_id)))
+    try:
+        return _result_reply(job.rid, handler(_argument(job)))
+    except Abandon:
+        raise
+    except BaseException as exc:
+        return _failure_reply(job.rid, exc)
+    finally:
+        _current.reset(token)
+
+
+async def respond_async(job: Job, handler: Callable[[Any], Awaitable[Any]], instance_id: str) -> tuple[bytes, Any]:
+    """:func:`respond` for a coroutine handler, in the task that awaits it."""
+    _current.set(RequestInfo(job.rid, job.service, job.attempt, job.deadline, instance_id))  # task-local
+    try:
+        return _result_reply(job.rid, await handler(_argument(job)))
+    except BaseException as exc:
+        return _failure_reply(job.rid, exc)
 
 
 class Runner:
     """What the I/O thread needs of a handler runner."""
 
-    def __init__(self, post: Callable[[Reply], None], instance_id: str) -> None:
+    def __init__(self, post: Callable[[Answer], None], instance_id: str) -> None:
         self._post = post
         self._instance_id = instance_id
 
@@ -83,10 +165,10 @@ class Runner:
 
 
 class SyncPool(Runner):
-    """``size`` threads taking jobs from one queue; each owns its PUSH socket."""
+    """``size`` threads taking jobs from one queue."""
 
     def __init__(
-        self, post: Callable[[Reply], None], instance_id: str, handler: Callable[[Any], Any], size: int, name: str
+        self, post: Callable[[Answer], None], instance_id: str, handler: Callable[[Any], Any], size: int, name: str
     ) -> None:
         super().__init__(post, instance_id)
         self._handler = handler
@@ -109,21 +191,8 @@ class SyncPool(Runner):
             job = get()
             if job is None:
                 return
-            rid = job[1]
-            token = _current.set(RequestInfo(rid, job[2], job[3], job[4], instance_id))
-            try:
-                arg = _decode(job)
-            except ProtocolError as exc:
-                header, payload = _error_reply(rid, STATUS_BAD_REQUEST, exc)
-            else:
-                try:
-                    header, payload = _reply(rid, handler(arg))
-                except BaseException as exc:
-                    log.debug("handler raised for request %d", rid, exc_info=True)
-                    header, payload = _error_reply(rid, STATUS_REMOTE_ERROR, exc)
-            finally:
-                _current.reset(token)
-            post((job[0], header, payload))
+            header, payload = respond(job, handler, instance_id)
+            post((job, header, payload))
 
     def shutdown(self, deadline: float) -> bool:
         for _ in self._threads:
@@ -137,7 +206,7 @@ class AsyncRunner(Runner):
     """One asyncio loop in its own thread; every job is a task."""
 
     def __init__(
-        self, post: Callable[[Reply], None], instance_id: str, handler: Callable[[Any], Awaitable[Any]], name: str
+        self, post: Callable[[Answer], None], instance_id: str, handler: Callable[[Any], Awaitable[Any]], name: str
     ) -> None:
         super().__init__(post, instance_id)
         self._handler = handler
@@ -168,19 +237,8 @@ class AsyncRunner(Runner):
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, job: Job) -> None:
-        rid = job[1]
-        _current.set(RequestInfo(rid, job[2], job[3], job[4], self._instance_id))  # task-local
-        try:
-            arg = _decode(job)
-        except ProtocolError as exc:
-            header, payload = _error_reply(rid, STATUS_BAD_REQUEST, exc)
-        else:
-            try:
-                header, payload = _reply(rid, await self._handler(arg))
-            except BaseException as exc:
-                log.debug("handler raised for request %d", rid, exc_info=True)
-                header, payload = _error_reply(rid, STATUS_REMOTE_ERROR, exc)
-        self._post((job[0], header, payload))
+        header, payload = await respond_async(job, self._handler, self._instance_id)
+        self._post((job, header, payload))
 
     async def _finish(self, deadline: float) -> None:
         tasks = set(self._tasks)

@@ -20,7 +20,7 @@ from zrouter.curve import client_keys
 from ._context import current_request
 from ._consul_link import BrokerFollower, ConsulRegistration
 from ._engine import Engine
-from ._handlers import AsyncRunner, Reply, Runner, SyncPool
+from ._handlers import Answer, AsyncRunner, Runner, SyncPool
 from ._http import HandlerMetrics, MetricsServer
 from ._inline import InlineEngine
 from ._registration import RegistrationTicker
@@ -233,7 +233,7 @@ class Worker:
     def running(self) -> bool:
         return self._state == _RUNNING
 
-    def _make_runner(self, post: Callable[[Reply], None]) -> Runner:
+    def _make_runner(self, post: Callable[[Answer], None]) -> Runner:
         name = f"zrouter-worker-{self.service}"
         if self.is_async:
             return AsyncRunner(post, self.instance_id, self._run_handler, name)

@@ -1,21 +1,19 @@
-"""Client and AsyncClient end to end over real sockets, against a scripted broker peer.
+"""Client and AsyncClient end to end over real sockets, against a scripted broker front end.
 
-The peer is a ROUTER on a free loopback port, run by a thread, that decodes requests with
-zrouter.protocol and answers by service name, so each test controls exactly what comes back
-(echo, any status, a late reply, no reply, garbage) without a real broker or worker.
+The front end (tests/helpers.py: ScriptedFrontend) is a ROUTER on a free loopback port, run by
+a thread, that decodes requests with zrouter.protocol and answers by service name, so each test
+controls exactly what comes back (echo, any status, a late reply, no reply, garbage) without a
+real broker or worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import msgpack
 import pytest
 import zmq
 
@@ -32,194 +30,70 @@ from zrouter.client import (
     WorkerLost,
     ZRouterError,
 )
+from tests.helpers import STATUS_ERRORS, WAIT, ScriptedFrontend
 from zrouter import protocol as p
-from zrouter.transport import free_tcp_endpoint, recv_frames, send_frames
+from zrouter.transport import free_tcp_endpoint
 
 pytestmark = pytest.mark.timeout(60)
 
-WAIT = 10.0  # upper bound of every wait on a condition that should hold within milliseconds
-
-
-class ScriptedBroker:
-    """A stand-in broker. Services: ``echo``, ``status-N``, ``delay-MS``, ``silent``, ``twice``,
-    ``garbage`` (two undecodable messages, then an echo), ``no-payload``, ``bad-header``.
-    With ``hold=True`` it records requests and answers none."""
-
-    def __init__(self, ctx: zmq.Context[Any], *, hold: bool = False, start_after: float = 0.0) -> None:
-        self.endpoint = free_tcp_endpoint()
-        self.hold = hold
-        self.requests: list[p.Request] = []
-        self.late_sent: list[int] = []  # rids of delayed replies already sent
-        self._ctx = ctx
-        self._start_after = start_after
-        self._cond = threading.Condition()
-        self._stop = threading.Event()
-        self._bound = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"broker-{self.endpoint}", daemon=True)
-        self._thread.start()
-        if not start_after:
-            assert self._bound.wait(WAIT), "scripted broker did not bind"
-
-    def wait_for(self, predicate: Callable[[ScriptedBroker], bool], timeout: float = WAIT) -> None:
-        with self._cond:
-            assert self._cond.wait_for(lambda: predicate(self), timeout), "scripted broker: condition not met"
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(WAIT)
-        assert not self._thread.is_alive()
-
-    def _run(self) -> None:
-        if self._stop.wait(self._start_after):
-            return
-        sock = self._ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(self.endpoint)
-        self._bound.set()
-        later: list[tuple[float, int, list[bytes]]] = []  # (due, rid, frames) of delayed replies
-        try:
-            while not self._stop.is_set():
-                timeout = 20 if not later else max(0, min(20, int((later[0][0] - time.monotonic()) * 1000)))
-                if sock.poll(timeout):
-                    self._handle(sock, [f.bytes for f in recv_frames(sock)], later)
-                while later and later[0][0] <= time.monotonic():
-                    _, rid, msg = heapq.heappop(later)
-                    send_frames(sock, msg)
-                    with self._cond:
-                        self.late_sent.append(rid)
-                        self._cond.notify_all()
-        finally:
-            sock.close(0)
-
-    def _handle(self, sock: zmq.Socket[Any], msg: list[bytes], later: list[Any]) -> None:
-        ident, _sig, header, body = msg
-        req = p.check_request(p.decode_header(header))
-        with self._cond:
-            self.requests.append(req)
-            self._cond.notify_all()
-        if self.hold:
-            return
-
-        def answer(status: int = p.STATUS_OK, payload: bytes = body, message: str | None = None) -> list[bytes]:
-            kind = "RuntimeError" if status == p.STATUS_REMOTE_ERROR else None
-            head = p.encode_reply(req.rid, status, req.flags & p.FLAG_MSGPACK, message, kind)
-            return [ident, p.SIGNATURE, head, payload]
-
-        service = req.service
-        if service == "echo":
-            send_frames(sock, answer())
-        elif service.startswith("status-"):
-            send_frames(sock, answer(int(service[7:]), b"", f"scripted status {service[7:]}"))
-        elif service.startswith("delay-"):
-            heapq.heappush(later, (time.monotonic() + int(service[6:]) / 1000, req.rid, answer()))
-        elif service == "twice":
-            send_frames(sock, answer())
-            send_frames(sock, answer(p.STATUS_WORKER_LOST))
-        elif service == "garbage":
-            send_frames(sock, [ident, b"NOPE", b"\x00", b""])
-            send_frames(sock, [ident, p.SIGNATURE, b"\xc1", b""])
-            send_frames(sock, answer())
-        elif service == "no-payload":
-            send_frames(sock, answer()[:3])
-        elif service == "bad-header":
-            send_frames(sock, [ident, p.SIGNATURE, msgpack.packb([p.REPLY, req.rid, "ok"]), b""])
-        # "silent" and anything else: no reply
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[Any]]:
-    c: zmq.Context[Any] = zmq.Context()
-    yield c
-    c.destroy(linger=0)  # everything should be closed already; this only keeps a failure local
-
-
-@pytest.fixture
-def brokers(ctx: zmq.Context[Any]) -> Iterator[Callable[..., ScriptedBroker]]:
-    made: list[ScriptedBroker] = []
-
-    def make(**kwargs: Any) -> ScriptedBroker:
-        b = ScriptedBroker(ctx, **kwargs)
-        made.append(b)
-        return b
-
-    yield make
-    for b in made:
-        b.close()
-
-
-@pytest.fixture
-def broker(brokers: Callable[..., ScriptedBroker]) -> ScriptedBroker:
-    return brokers()
-
-
-STATUS_ERRORS: list[tuple[int, type[ZRouterError]]] = [
-    (p.STATUS_REMOTE_ERROR, RemoteError),
-    (p.STATUS_TIMEOUT, RequestTimeout),
-    (p.STATUS_UNAVAILABLE, ServiceUnavailable),
-    (p.STATUS_OVERLOADED, Overloaded),
-    (p.STATUS_WORKER_LOST, WorkerLost),
-    (p.STATUS_BAD_REQUEST, ProtocolError),
-    (p.STATUS_TOO_LARGE, MessageTooLarge),
-    (42, ProtocolError),
-]
 OBJECTS: list[Any] = [{"a": [1, 2.5, None], "b": {"c": "d"}}, [1, "two"], 7, "text", None, True]
 
 
 # -- sync Client --------------------------------------------------------------------------------
 
 
-def test_echo_bytes_and_msgpack_objects(ctx: zmq.Context[Any], broker: ScriptedBroker) -> None:
-    with Client(broker.endpoint, context=ctx) as client:
+def test_echo_bytes_and_msgpack_objects(ctx: zmq.Context[Any], frontend: ScriptedFrontend) -> None:
+    with Client(frontend.endpoint, context=ctx) as client:
         assert client.request("echo", b"raw \x00 bytes") == b"raw \x00 bytes"
         assert client.request("echo", bytearray(b"ba")) == b"ba"
         for obj in OBJECTS:
             assert client.request("echo", obj) == obj
-    flags = [r.flags for r in broker.requests]
+    flags = [r.flags for r in frontend.requests]
     assert flags[0] == p.FLAG_IDEMPOTENT and flags[2] == p.FLAG_IDEMPOTENT | p.FLAG_MSGPACK
 
 
 @pytest.mark.parametrize(("status", "cls"), STATUS_ERRORS)
 def test_error_status_raises_its_exception(
-    ctx: zmq.Context[Any], broker: ScriptedBroker, status: int, cls: type[ZRouterError]
+    ctx: zmq.Context[Any], frontend: ScriptedFrontend, status: int, cls: type[ZRouterError]
 ) -> None:
-    with Client(broker.endpoint, context=ctx) as client, pytest.raises(cls) as info:
+    with Client(frontend.endpoint, context=ctx) as client, pytest.raises(cls) as info:
         client.request(f"status-{status}", b"")
     assert type(info.value) is cls and f"scripted status {status}" in str(info.value)
     if cls is RemoteError:
         assert isinstance(info.value, RemoteError) and info.value.type == "RuntimeError"
 
 
-def test_timeout_raises_request_timeout_promptly(ctx: zmq.Context[Any], broker: ScriptedBroker) -> None:
-    with Client(broker.endpoint, context=ctx) as client:
+def test_timeout_raises_request_timeout_promptly(ctx: zmq.Context[Any], frontend: ScriptedFrontend) -> None:
+    with Client(frontend.endpoint, context=ctx) as client:
         client.request("echo", b"warm-up")
         t0 = time.monotonic()
         with pytest.raises(RequestTimeout):
             client.request("silent", b"", timeout=0.5)
         assert 0.45 <= time.monotonic() - t0 < 1.0
-    assert broker.requests[-1].timeout_ms == 500
+    assert frontend.requests[-1].timeout_ms == 500
 
 
 def test_late_reply_after_timeout_is_dropped(
-    ctx: zmq.Context[Any], broker: ScriptedBroker, caplog: pytest.LogCaptureFixture
+    ctx: zmq.Context[Any], frontend: ScriptedFrontend, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with Client(broker.endpoint, context=ctx) as client:
+    with Client(frontend.endpoint, context=ctx) as client:
         with pytest.raises(RequestTimeout):
             client.request("delay-400", b"late", timeout=0.1)
-        late_rid = broker.requests[-1].rid
-        broker.wait_for(lambda b: late_rid in b.late_sent)
+        late_rid = frontend.requests[-1].rid
+        frontend.wait_for(lambda b: late_rid in b.late_sent)
         with caplog.at_level(logging.DEBUG, logger="zrouter.client"):
             assert client.request("echo", b"next") == b"next"  # the late reply is read first
     assert f"unknown request id {late_rid}" in caplog.text
 
 
-def test_one_outcome_for_a_duplicated_reply(ctx: zmq.Context[Any], broker: ScriptedBroker) -> None:
-    with Client(broker.endpoint, context=ctx) as client:
+def test_one_outcome_for_a_duplicated_reply(ctx: zmq.Context[Any], frontend: ScriptedFrontend) -> None:
+    with Client(frontend.endpoint, context=ctx) as client:
         assert client.request("twice", b"once") == b"once"
         assert client.request("echo", b"after") == b"after"
 
 
-def test_malformed_replies(ctx: zmq.Context[Any], broker: ScriptedBroker, caplog: pytest.LogCaptureFixture) -> None:
-    with Client(broker.endpoint, context=ctx) as client:
+def test_malformed_replies(ctx: zmq.Context[Any], frontend: ScriptedFrontend, caplog: pytest.LogCaptureFixture) -> None:
+    with Client(frontend.endpoint, context=ctx) as client:
         with caplog.at_level(logging.WARNING, logger="zrouter.client"):
             assert client.request("garbage", b"survives") == b"survives"
         assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 2
@@ -229,8 +103,8 @@ def test_malformed_replies(ctx: zmq.Context[Any], broker: ScriptedBroker, caplog
             client.request("bad-header", b"")
 
 
-def test_hundred_in_flight_with_submit(ctx: zmq.Context[Any], broker: ScriptedBroker) -> None:
-    with Client(broker.endpoint, context=ctx) as client:
+def test_hundred_in_flight_with_submit(ctx: zmq.Context[Any], frontend: ScriptedFrontend) -> None:
+    with Client(frontend.endpoint, context=ctx) as client:
         pendings = [client.submit("echo", {"i": i}) for i in range(100)]
         assert [x.result(timeout=WAIT) for x in pendings] == [{"i": i} for i in range(100)]
         assert client.map("echo", [b"%d" % i for i in range(100)]) == [b"%d" % i for i in range(100)]
@@ -243,9 +117,9 @@ def test_hundred_in_flight_with_submit(ctx: zmq.Context[Any], broker: ScriptedBr
 
 
 def test_request_waits_for_a_broker_that_starts_later(
-    ctx: zmq.Context[Any], brokers: Callable[..., ScriptedBroker]
+    ctx: zmq.Context[Any], make_frontend: Callable[..., ScriptedFrontend]
 ) -> None:
-    late = brokers(start_after=0.3)
+    late = make_frontend(start_after=0.3)
     with Client(late.endpoint, context=ctx, timeout=WAIT) as client:
         assert client.request("echo", b"hello") == b"hello"
 
@@ -258,8 +132,8 @@ def test_no_broker_at_all_times_out(ctx: zmq.Context[Any]) -> None:
         assert time.monotonic() - t0 < 0.8
 
 
-def test_close_fails_pending_requests(ctx: zmq.Context[Any], broker: ScriptedBroker) -> None:
-    client = Client(broker.endpoint, context=ctx)
+def test_close_fails_pending_requests(ctx: zmq.Context[Any], frontend: ScriptedFrontend) -> None:
+    client = Client(frontend.endpoint, context=ctx)
     pending = client.submit("silent", b"")
     client.close()
     with pytest.raises(ClientClosed):
@@ -269,18 +143,18 @@ def test_close_fails_pending_requests(ctx: zmq.Context[Any], broker: ScriptedBro
     client.close()
 
 
-def test_oversize_request_is_refused_locally(ctx: zmq.Context[Any], broker: ScriptedBroker) -> None:
-    with Client(broker.endpoint, context=ctx, max_message_size=10) as client:
+def test_oversize_request_is_refused_locally(ctx: zmq.Context[Any], frontend: ScriptedFrontend) -> None:
+    with Client(frontend.endpoint, context=ctx, max_message_size=10) as client:
         with pytest.raises(MessageTooLarge):
             client.request("echo", b"x" * 11)
         assert client.request("echo", b"x" * 10) == b"x" * 10
-    assert len(broker.requests) == 1
+    assert len(frontend.requests) == 1
 
 
 def test_lost_broker_idempotent_requests_move_to_the_other(
-    ctx: zmq.Context[Any], brokers: Callable[..., ScriptedBroker]
+    ctx: zmq.Context[Any], make_frontend: Callable[..., ScriptedFrontend]
 ) -> None:
-    holder, answerer = brokers(hold=True), brokers()
+    holder, answerer = make_frontend(hold=True), make_frontend()
     with Client([holder.endpoint, answerer.endpoint], context=ctx, timeout=WAIT) as client:
         assert client.wait_connected(2, timeout=WAIT)
         pendings = [client.submit("echo", {"i": i}) for i in range(20)]
@@ -299,8 +173,8 @@ def test_lost_broker_idempotent_requests_move_to_the_other(
     assert len(rids) == len(set(rids)) == 22  # each request answered exactly once
 
 
-def test_add_and_remove_brokers(ctx: zmq.Context[Any], brokers: Callable[..., ScriptedBroker]) -> None:
-    first, second = brokers(), brokers()
+def test_add_and_remove_brokers(ctx: zmq.Context[Any], make_frontend: Callable[..., ScriptedFrontend]) -> None:
+    first, second = make_frontend(), make_frontend()
     with Client(first.endpoint, context=ctx) as client:
         assert client.request("echo", b"1") == b"1"
         client.add_broker(second.endpoint)
@@ -316,8 +190,8 @@ def test_add_and_remove_brokers(ctx: zmq.Context[Any], brokers: Callable[..., Sc
 # -- AsyncClient --------------------------------------------------------------------------------
 
 
-async def test_async_echo_bytes_and_msgpack(ctx: zmq.Context[Any], broker: ScriptedBroker) -> None:
-    async with AsyncClient(broker.endpoint, context=ctx) as client:
+async def test_async_echo_bytes_and_msgpack(ctx: zmq.Context[Any], frontend: ScriptedFrontend) -> None:
+    async with AsyncClient(frontend.endpoint, context=ctx) as client:
         assert await client.request("echo", b"raw") == b"raw"
         for obj in OBJECTS:
             assert await client.request("echo", obj) == obj
@@ -325,39 +199,39 @@ async def test_async_echo_bytes_and_msgpack(ctx: zmq.Context[Any], broker: Scrip
 
 @pytest.mark.parametrize(("status", "cls"), STATUS_ERRORS)
 async def test_async_error_status_raises_its_exception(
-    ctx: zmq.Context[Any], broker: ScriptedBroker, status: int, cls: type[ZRouterError]
+    ctx: zmq.Context[Any], frontend: ScriptedFrontend, status: int, cls: type[ZRouterError]
 ) -> None:
-    async with AsyncClient(broker.endpoint, context=ctx) as client:
+    async with AsyncClient(frontend.endpoint, context=ctx) as client:
         with pytest.raises(cls) as info:
             await client.request(f"status-{status}", b"")
     assert type(info.value) is cls
 
 
 async def test_async_timeout_and_late_reply_dropped(
-    ctx: zmq.Context[Any], broker: ScriptedBroker, caplog: pytest.LogCaptureFixture
+    ctx: zmq.Context[Any], frontend: ScriptedFrontend, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with AsyncClient(broker.endpoint, context=ctx) as client:
+    async with AsyncClient(frontend.endpoint, context=ctx) as client:
         t0 = time.monotonic()
         with pytest.raises(RequestTimeout):
             await client.request("delay-600", b"", timeout=0.3)
         assert 0.25 <= time.monotonic() - t0 < 0.8
-        late_rid = broker.requests[-1].rid
+        late_rid = frontend.requests[-1].rid
         with caplog.at_level(logging.DEBUG, logger="zrouter.client"):  # the reader may see it any time now
-            await asyncio.to_thread(broker.wait_for, lambda b: late_rid in b.late_sent)
+            await asyncio.to_thread(frontend.wait_for, lambda b: late_rid in b.late_sent)
             assert await client.request("echo", b"next") == b"next"
     assert f"unknown request id {late_rid}" in caplog.text
 
 
-async def test_async_silent_times_out(ctx: zmq.Context[Any], broker: ScriptedBroker) -> None:
-    async with AsyncClient(broker.endpoint, context=ctx, timeout=0.5) as client:
+async def test_async_silent_times_out(ctx: zmq.Context[Any], frontend: ScriptedFrontend) -> None:
+    async with AsyncClient(frontend.endpoint, context=ctx, timeout=0.5) as client:
         t0 = time.monotonic()
         with pytest.raises(RequestTimeout):
             await client.request("silent", b"")
         assert 0.45 <= time.monotonic() - t0 < 1.0
 
 
-async def test_async_hundred_in_flight_with_gather(ctx: zmq.Context[Any], broker: ScriptedBroker) -> None:
-    async with AsyncClient(broker.endpoint, context=ctx) as client:
+async def test_async_hundred_in_flight_with_gather(ctx: zmq.Context[Any], frontend: ScriptedFrontend) -> None:
+    async with AsyncClient(frontend.endpoint, context=ctx) as client:
         got = await asyncio.gather(*(client.request("echo", {"i": i}) for i in range(100)))
         assert got == [{"i": i} for i in range(100)]
         assert await client.map("echo", list(range(100))) == list(range(100))
@@ -366,15 +240,15 @@ async def test_async_hundred_in_flight_with_gather(ctx: zmq.Context[Any], broker
 
 
 async def test_async_waits_for_a_broker_that_starts_later(
-    ctx: zmq.Context[Any], brokers: Callable[..., ScriptedBroker]
+    ctx: zmq.Context[Any], make_frontend: Callable[..., ScriptedFrontend]
 ) -> None:
-    late = brokers(start_after=0.3)
+    late = make_frontend(start_after=0.3)
     async with AsyncClient(late.endpoint, context=ctx, timeout=WAIT) as client:
         assert await client.request("echo", b"hello") == b"hello"
 
 
-async def test_async_close_fails_pending_and_cancel_is_clean(ctx: zmq.Context[Any], broker: ScriptedBroker) -> None:
-    client = AsyncClient(broker.endpoint, context=ctx)
+async def test_async_close_fails_pending_and_cancel_is_clean(ctx: zmq.Context[Any], frontend: ScriptedFrontend) -> None:
+    client = AsyncClient(frontend.endpoint, context=ctx)
     task = asyncio.ensure_future(client.request("silent", b""))
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(client.request("silent", b""), 0.1)  # cancelled by wait_for
@@ -387,9 +261,9 @@ async def test_async_close_fails_pending_and_cancel_is_clean(ctx: zmq.Context[An
 
 
 async def test_async_lost_broker_idempotent_requests_move_to_the_other(
-    ctx: zmq.Context[Any], brokers: Callable[..., ScriptedBroker]
+    ctx: zmq.Context[Any], make_frontend: Callable[..., ScriptedFrontend]
 ) -> None:
-    holder, answerer = brokers(hold=True), brokers()
+    holder, answerer = make_frontend(hold=True), make_frontend()
     async with AsyncClient([holder.endpoint, answerer.endpoint], context=ctx, timeout=WAIT) as client:
         assert await client.wait_connected(2, timeout=WAIT)
         idem = [client.submit("echo", i) for i in range(20)]
@@ -405,8 +279,8 @@ async def test_async_lost_broker_idempotent_requests_move_to_the_other(
     assert len(rids) == len(set(rids)) == 22
 
 
-async def test_async_add_and_remove_brokers(ctx: zmq.Context[Any], brokers: Callable[..., ScriptedBroker]) -> None:
-    first, second = brokers(), brokers()
+async def test_async_add_and_remove_brokers(ctx: zmq.Context[Any], make_frontend: Callable[..., ScriptedFrontend]) -> None:
+    first, second = make_frontend(), make_frontend()
     async with AsyncClient(first.endpoint, context=ctx) as client:
         assert await client.request("echo", b"1") == b"1"
         client.add_broker(second.endpoint)

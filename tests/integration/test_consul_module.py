@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.consul_agent import ConsulAgent, free_port
-from tests.procs import eventually, unique
+from tests.helpers import eventually, unique
 from zrouter.consul import (
     BrokerDiscovery,
     BrokerRegistration,

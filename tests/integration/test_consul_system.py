@@ -20,7 +20,8 @@ import pytest
 
 from zrouter.client import AsyncClient, Client
 from tests.consul_agent import ConsulAgent
-from tests.procs import BrokerProc, ProcessGroup, WorkerProc, eventually, unique
+from tests.helpers import eventually, unique
+from tests.procs import BrokerProc, ProcessGroup, WorkerProc
 
 pytestmark = [pytest.mark.consul, pytest.mark.timeout(90)]
 

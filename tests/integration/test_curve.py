@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 
 from tests.consul_agent import ConsulAgent
-from tests.procs import BrokerProc, Proc, ProcessGroup, WorkerProc, unique
+from tests.helpers import sigkill_a_busy_worker, unique
+from tests.procs import BrokerProc, Proc, ProcessGroup, WorkerProc
 from zrouter.client import AsyncClient, AuthenticationFailed, Client, Forbidden, ServiceUnavailable
 from zrouter.keys import create_key_pair
 from zrouter.transport import free_tcp_endpoint
@@ -360,18 +361,11 @@ def curve_keys(tmp_path: Path) -> Keys:
 def test_sigkill_requeue_with_curve(curve_keys: Keys, procs: ProcessGroup) -> None:
     keys = curve_keys
     broker = procs.broker(*keys.broker_args())
-    victim = worker(procs, broker, keys, "w", capacity=4, delay=0.3)
-    broker.wait_workers(1)
-    for _ in range(2):
-        worker(procs, broker, keys, "w", capacity=4, delay=0.05)
-    broker.wait_workers(3)
-    with keys.client(broker.frontend, "c", timeout=20) as client:
-        pending = [client.submit("svc", i) for i in range(60)]
-        deadline = time.monotonic() + 10
-        while not any(x.done() for x in pending) and time.monotonic() < deadline:
-            pass
-        victim.kill()
-        answers = [x.result() for x in pending]
+    victim, answers = sigkill_a_busy_worker(
+        broker,
+        lambda delay: worker(procs, broker, keys, "w", capacity=4, delay=delay),
+        lambda: keys.client(broker.frontend, "c", timeout=20),
+    )
     assert [a["payload"] for a in answers] == list(range(60))
     assert str(victim.pid) not in "".join(pid_of(a) for a in answers)
     broker.wait_for(r"left service .*\(connection closed\); [1-9]\d* requests requeued")

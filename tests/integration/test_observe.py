@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,13 +21,6 @@ from zrouter.transport import recv_frames
 
 pytestmark = pytest.mark.timeout(60)
 TOKEN = "t0ken-for-tests"
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[Any]]:
-    c: zmq.Context[Any] = zmq.Context()
-    yield c
-    c.destroy(linger=0)
 
 
 def L(**labels: str) -> tuple[tuple[str, str], ...]:

@@ -11,7 +11,8 @@ import pytest
 
 from tests.consul_agent import ConsulAgent
 from tests.observe_helpers import broker_with_http, http, scrape
-from tests.procs import ProcessGroup, unique
+from tests.helpers import unique
+from tests.procs import ProcessGroup
 
 pytestmark = [pytest.mark.consul, pytest.mark.timeout(90)]
 TOKEN = "consul-admin"

@@ -19,7 +19,8 @@ import pytest
 
 from tests.consul_agent import free_port
 from tests.observe_helpers import broker_with_http, find_tool
-from tests.procs import ProcessGroup, eventually
+from tests.helpers import eventually
+from tests.procs import ProcessGroup
 from zrouter.client import Client
 
 pytestmark = pytest.mark.timeout(90)

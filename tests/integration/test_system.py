@@ -7,7 +7,6 @@ import collections
 import os
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -15,7 +14,8 @@ import pytest
 import zmq
 
 from zrouter.client import AsyncClient, Client, RemoteError, RequestTimeout, ServiceUnavailable, WorkerLost
-from tests.procs import ProcessGroup
+from tests.helpers import drain_one_of_two_workers, sigkill_a_busy_worker
+from tests.procs import BrokerProc, ProcessGroup
 from zrouter import protocol as p
 from zrouter.broker.server import LOG_PEER_BURST
 from zrouter.errors import MessageTooLarge, ProtocolError
@@ -24,16 +24,19 @@ from zrouter.transport import recv_frames
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[Any]]:
-    c: zmq.Context[Any] = zmq.Context()
-    yield c
-    c.destroy(linger=0)
-
-
 def _recv(sock: zmq.Socket[Any], timeout: float = 5.0) -> list[bytes]:
     assert sock.poll(int(timeout * 1000)), "no message within the timeout"
     return [f.bytes for f in recv_frames(sock)]
+
+
+def _bare_worker(ctx: zmq.Context[Any], broker: BrokerProc, capacity: int, instance: str) -> zmq.Socket[Any]:
+    """A scripted worker for service "svc": a bare DEALER that has sent READY and been taken in."""
+    w = ctx.socket(zmq.DEALER)
+    w.linger = 0
+    w.connect(broker.backend)
+    w.send_multipart([p.SIGNATURE, p.encode_ready("svc", capacity, 1, {"instance": instance})])
+    broker.wait_workers(1)
+    return w
 
 
 def _served_by(answers: list[dict[str, Any]]) -> collections.Counter[str]:
@@ -55,20 +58,9 @@ def test_requests_are_balanced_across_three_workers(procs: ProcessGroup) -> None
 
 def test_sigkill_while_holding_requests_loses_no_idempotent_request(procs: ProcessGroup) -> None:
     broker = procs.broker()
-    victim = procs.worker(broker, capacity=4, delay=0.3)
-    broker.wait_workers(1)
-    for _ in range(2):
-        procs.worker(broker, capacity=4, delay=0.05)
-    broker.wait_workers(3)
-    with Client(broker.frontend, timeout=20) as client:
-        pending = [client.submit("svc", i) for i in range(60)]
-        # All three are idle, so each takes 4 at once. A first reply (fast workers: 50 ms) means
-        # the dispatch happened; the victim (300 ms a request) still holds its 4.
-        deadline = time.monotonic() + 10
-        while not any(x.done() for x in pending) and time.monotonic() < deadline:
-            pass
-        victim.kill()
-        answers = [x.result() for x in pending]
+    victim, answers = sigkill_a_busy_worker(
+        broker, lambda delay: procs.worker(broker, capacity=4, delay=delay), lambda: Client(broker.frontend, timeout=20)
+    )
     assert [a["payload"] for a in answers] == list(range(60))  # each exactly once, in order, correct
     assert str(victim.pid) not in "".join(_served_by(answers))
     broker.wait_for(r"requeued", 1)
@@ -80,11 +72,7 @@ def test_non_idempotent_request_of_a_lost_worker_gets_outcome_unknown(
 ) -> None:
     """A scripted worker takes the request (so we know it holds it), then its connection dies."""
     broker = procs.broker(heartbeat=5.0)  # the scripted worker sends no heartbeats
-    w = ctx.socket(zmq.DEALER)
-    w.linger = 0
-    w.connect(broker.backend)
-    w.send_multipart([p.SIGNATURE, p.encode_ready("svc", 4, 1, {"instance": "doomed"})])
-    broker.wait_workers(1)
+    w = _bare_worker(ctx, broker, 4, "doomed")
     with Client(broker.frontend, timeout=10) as client:
         pending = [client.submit("svc", "once only", idempotent=False), client.submit("svc", "again ok")]
         got = 0
@@ -104,11 +92,7 @@ def test_non_idempotent_request_of_a_lost_worker_gets_outcome_unknown(
 def test_broker_never_sends_a_worker_more_than_its_capacity(procs: ProcessGroup, ctx: zmq.Context[Any]) -> None:
     """A scripted worker (a bare DEALER speaking the protocol) that holds what it gets."""
     broker = procs.broker(heartbeat=5.0)  # the scripted worker sends no heartbeats
-    w = ctx.socket(zmq.DEALER)
-    w.linger = 0
-    w.connect(broker.backend)
-    w.send_multipart([p.SIGNATURE, p.encode_ready("svc", 2, 1, {"instance": "scripted"})])
-    broker.wait_workers(1)
+    w = _bare_worker(ctx, broker, 2, "scripted")
     with Client(broker.frontend, timeout=10) as client:
         pending = [client.submit("svc", i) for i in range(6)]
         held: list[list[bytes]] = []
@@ -208,18 +192,7 @@ def test_slow_worker_gets_less_traffic_under_least_outstanding_than_round_robin(
 
 
 def test_graceful_drain_loses_nothing(procs: ProcessGroup) -> None:
-    broker = procs.broker()
-    leaving = procs.worker(broker, capacity=4, delay=0.4)
-    broker.wait_workers(1)
-    with Client(broker.frontend, timeout=20) as client:
-        client.request("svc", "warm-up")  # connected: the next submits go out at once
-        pending = [client.submit("svc", i) for i in range(4)]
-        staying = procs.worker(broker, capacity=4)
-        broker.wait_workers(2)
-        leaving.signal(signal.SIGTERM)
-        broker.wait_for("is draining")
-        more = [client.submit("svc", 100 + i) for i in range(8)]
-        answers = [x.result() for x in pending + more]
+    broker, leaving, staying, answers = drain_one_of_two_workers(procs, delay=0.4)
     assert [a["payload"] for a in answers] == list(range(4)) + [100 + i for i in range(8)]
     assert leaving.wait() == 0
     by_leaving = [a for a in answers[4:] if str(leaving.pid) in str(a["worker"])]

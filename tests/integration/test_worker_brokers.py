@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.procs import BrokerProc, ProcessGroup, eventually
+from tests.helpers import eventually
+from tests.procs import BrokerProc, ProcessGroup
 from zrouter.client import Client
 from zrouter.worker import Worker
 

@@ -1,7 +1,7 @@
 """Inline mode (``Worker(...)``, ``--inline``): the I/O thread runs the handler.
 
-Against the scripted broker of test_worker_peer (a ROUTER in a thread that records everything)
-and against the real broker process. Every wait is bounded; no sleeps as synchronisation (the
+Against the scripted broker back end (tests/helpers.py: a ROUTER in a thread that records
+everything) and against the real broker process. Every wait is bounded; no sleeps as synchronisation (the
 handlers' own sleeps stand for work).
 """
 
@@ -11,14 +11,13 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-import zmq
 
 from zrouter.client import Client, RemoteError
-from tests.integration.test_worker_peer import HB, WAIT, ScriptedBroker
+from tests.helpers import HB, WAIT, ScriptedBackend, drain_one_of_two_workers
 from tests.procs import ProcessGroup, Proc
 from zrouter.worker import Worker, current_request
 from zrouter.worker.examples import echo, fail, slow_echo
@@ -42,33 +41,9 @@ pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture
-def scripted() -> Iterator[ScriptedBroker]:
-    context: zmq.Context[Any] = zmq.Context()
-    sb = ScriptedBroker(context)
-    try:
-        yield sb
-    finally:
-        sb.close()
-        context.term()
-
-
-@pytest.fixture
-def start(scripted: ScriptedBroker) -> Iterator[Callable[..., Worker]]:
-    """Start an inline Worker on the scripted broker; stopped (drained) before the broker closes."""
-    workers: list[Worker] = []
-
-    def make(handler: Callable[[Any], Any], **kw: Any) -> Worker:
-        kw.setdefault("heartbeat_interval", HB)
-        kw.setdefault("liveness", 5)
-        kw.setdefault("drain_timeout", 3.0)
-        w = Worker("svc", handler, broker=scripted.endpoint, inline=True, **kw)
-        w.start()
-        workers.append(w)
-        return w
-
-    yield make
-    for w in workers:
-        assert w.stop(timeout=10.0)
+def start(backend: ScriptedBackend, make_worker: Callable[..., Worker]) -> Callable[..., Worker]:
+    """Start an inline Worker on the scripted back end (``start(handler, **options)``)."""
+    return lambda handler, **kw: make_worker(handler, backend.endpoint, inline=True, **kw)
 
 
 def loud_sleep(payload: Any) -> Any:
@@ -78,48 +53,48 @@ def loud_sleep(payload: Any) -> Any:
     return payload
 
 
-def _cli(procs: ProcessGroup, scripted: ScriptedBroker, handler: str, *extra: str) -> Proc:
-    args = ["-m", "zrouter.worker", "--service", "svc", "--broker", scripted.endpoint, "--heartbeat", str(HB),
+def _cli(procs: ProcessGroup, backend: ScriptedBackend, handler: str, *extra: str) -> Proc:
+    args = ["-m", "zrouter.worker", "--service", "svc", "--broker", backend.endpoint, "--heartbeat", str(HB),
             "--liveness", "5", "--inline", *extra, handler]  # fmt: skip
     proc = Proc(args, "worker[inline]")
     procs.add(proc)
     return proc
 
 
-# -- against the scripted broker -------------------------------------------------------------
+# -- against the scripted back end ------------------------------------------------------------
 
 
-def test_echo_raw_and_msgpack(scripted: ScriptedBroker, start: Any) -> None:
+def test_echo_raw_and_msgpack(backend: ScriptedBackend, start: Any) -> None:
     w = start(echo, capacity=2)
     assert w.inline
-    peer = scripted.wait_cmd(READY).identity
-    scripted.request(peer, 1, b"\x00raw bytes\xff")
-    scripted.request(peer, 2, {"a": [1, 2, 3], "b": "text"})
-    assert scripted.wait_reply(1).reply()[1:5:3] == (STATUS_OK, b"\x00raw bytes\xff")
-    r2 = scripted.wait_reply(2)
+    peer = backend.wait_cmd(READY).identity
+    backend.request(peer, 1, b"\x00raw bytes\xff")
+    backend.request(peer, 2, {"a": [1, 2, 3], "b": "text"})
+    assert backend.wait_reply(1).reply()[1:5:3] == (STATUS_OK, b"\x00raw bytes\xff")
+    r2 = backend.wait_reply(2)
     assert r2.header[3] & FLAG_MSGPACK
     assert r2.reply()[4] == {"a": [1, 2, 3], "b": "text"}
 
 
-def test_exception_is_a_remote_error_and_bad_payload_a_bad_request(scripted: ScriptedBroker, start: Any) -> None:
+def test_exception_is_a_remote_error_and_bad_payload_a_bad_request(backend: ScriptedBackend, start: Any) -> None:
     def handler(payload: Any) -> Any:
         if payload == b"exit":
             raise SystemExit(3)  # a BaseException must not take the I/O thread down either
         return fail(payload) if payload == b"fail" else echo(payload)
 
     start(handler)
-    peer = scripted.wait_cmd(READY).identity
-    scripted.request(peer, 1, b"fail")
-    assert scripted.wait_reply(1).reply()[1:4] == (STATUS_REMOTE_ERROR, "boom", "ValueError")
-    scripted.send(peer, encode_request(2, "svc", 5000, 0, FLAG_MSGPACK), b"\xc1")  # 0xc1: never valid
-    assert scripted.wait_reply(2).reply()[1] == STATUS_BAD_REQUEST
-    scripted.request(peer, 3, b"exit")
-    assert scripted.wait_reply(3).reply()[1:4:2] == (STATUS_REMOTE_ERROR, "SystemExit")
-    scripted.request(peer, 4, b"ok")
-    assert scripted.wait_reply(4).reply()[1:5:3] == (STATUS_OK, b"ok")
+    peer = backend.wait_cmd(READY).identity
+    backend.request(peer, 1, b"fail")
+    assert backend.wait_reply(1).reply()[1:4] == (STATUS_REMOTE_ERROR, "boom", "ValueError")
+    backend.send(peer, encode_request(2, "svc", 5000, 0, FLAG_MSGPACK), b"\xc1")  # 0xc1: never valid
+    assert backend.wait_reply(2).reply()[1] == STATUS_BAD_REQUEST
+    backend.request(peer, 3, b"exit")
+    assert backend.wait_reply(3).reply()[1:4:2] == (STATUS_REMOTE_ERROR, "SystemExit")
+    backend.request(peer, 4, b"ok")
+    assert backend.wait_reply(4).reply()[1:5:3] == (STATUS_OK, b"ok")
 
 
-def test_one_at_a_time_in_arrival_order_on_the_io_thread(scripted: ScriptedBroker, start: Any) -> None:
+def test_one_at_a_time_in_arrival_order_on_the_io_thread(backend: ScriptedBackend, start: Any) -> None:
     seen: list[tuple[int, str]] = []
     running = [0, 0]  # now, max
 
@@ -134,19 +109,19 @@ def test_one_at_a_time_in_arrival_order_on_the_io_thread(scripted: ScriptedBroke
         return payload
 
     w = start(handler, capacity=4)
-    assert check_ready(scripted.wait_cmd(READY).header).capacity == 4
-    peer = scripted.messages(READY)[0].identity
+    assert check_ready(backend.wait_cmd(READY).header).capacity == 4
+    peer = backend.messages(READY)[0].identity
     for rid in range(1, 9):
-        scripted.request(peer, rid, rid)
+        backend.request(peer, rid, rid)
     for rid in range(1, 9):
-        assert scripted.wait_reply(rid).reply()[4] == rid
+        assert backend.wait_reply(rid).reply()[4] == rid
     assert [rid for rid, _ in seen] == list(range(1, 9))
-    assert [m.header[1] for m in scripted.messages(REPLY)] == list(range(1, 9))
+    assert [m.header[1] for m in backend.messages(REPLY)] == list(range(1, 9))
     assert running[1] == 1
     assert {name for _, name in seen} == {f"zrouter-worker-{w.service}"}  # Worker.start()'s thread
 
 
-def test_current_request(scripted: ScriptedBroker, start: Any) -> None:
+def test_current_request(backend: ScriptedBackend, start: Any) -> None:
     seen: list[Any] = []
 
     def handler(payload: Any) -> Any:
@@ -154,62 +129,62 @@ def test_current_request(scripted: ScriptedBroker, start: Any) -> None:
         return payload
 
     w = start(handler)
-    peer = scripted.wait_cmd(READY).identity
-    scripted.request(peer, 42, "hi", attempt=2)
-    assert scripted.wait_reply(42).reply()[4] == "hi"
+    peer = backend.wait_cmd(READY).identity
+    backend.request(peer, 42, "hi", attempt=2)
+    assert backend.wait_reply(42).reply()[4] == "hi"
     info = seen[0]
     assert (info.rid, info.service, info.attempt, info.instance_id) == (42, "svc", 2, w.instance_id)
     assert info.deadline > time.monotonic()
     assert current_request() is None
 
 
-def test_request_expiring_in_the_local_queue_times_out(scripted: ScriptedBroker, start: Any) -> None:
+def test_request_expiring_in_the_local_queue_times_out(backend: ScriptedBackend, start: Any) -> None:
     start(slow_echo, capacity=3)
-    peer = scripted.wait_cmd(READY).identity
-    scripted.request(peer, 1, {"delay": 0.3})
-    scripted.request(peer, 2, {"delay": 0.3})
+    peer = backend.wait_cmd(READY).identity
+    backend.request(peer, 1, {"delay": 0.3})
+    backend.request(peer, 2, {"delay": 0.3})
     # Read at the latest between requests 1 and 2 (the sockets are read again within a long
     # batch), then it waits behind request 2 past its deadline.
-    scripted.request(peer, 3, {"n": 3}, timeout_ms=50)
-    assert scripted.wait_reply(1).reply()[1] == STATUS_OK
-    assert scripted.wait_reply(2).reply()[1] == STATUS_OK
-    assert scripted.wait_reply(3).reply()[1:3] == (STATUS_TIMEOUT, "deadline passed while queued in the worker")
-    assert [m.header[1] for m in scripted.messages(REPLY)] == [1, 2, 3]
+    backend.request(peer, 3, {"n": 3}, timeout_ms=50)
+    assert backend.wait_reply(1).reply()[1] == STATUS_OK
+    assert backend.wait_reply(2).reply()[1] == STATUS_OK
+    assert backend.wait_reply(3).reply()[1:3] == (STATUS_TIMEOUT, "deadline passed while queued in the worker")
+    assert [m.header[1] for m in backend.messages(REPLY)] == [1, 2, 3]
 
 
 def test_a_handler_past_liveness_does_not_drop_a_broker_that_kept_talking(
-    scripted: ScriptedBroker, start: Any
+    backend: ScriptedBackend, start: Any
 ) -> None:
     start(slow_echo, liveness=3)  # silent for 0.3 s: dead
-    peer = scripted.wait_cmd(READY).identity
-    scripted.request(peer, 1, {"delay": 0.8})
-    reply = scripted.wait_reply(1)
+    peer = backend.wait_cmd(READY).identity
+    backend.request(peer, 1, {"delay": 0.8})
+    reply = backend.wait_reply(1)
     # The broker's heartbeats waited unread behind the handler: it is alive, no reconnect; and
     # the worker's own heartbeats resume after the batch.
-    beat = scripted.wait_for(lambda m: m.cmd == HEARTBEAT and m.at > reply.at)
-    later = scripted.wait_for(lambda m: m.cmd == HEARTBEAT and m.at > beat.at + 5 * HB)
-    assert len(scripted.messages(READY)) == 1
-    assert all(m.identity == peer for m in scripted.messages() if m.at <= later.at)
+    beat = backend.wait_for(lambda m: m.cmd == HEARTBEAT and m.at > reply.at)
+    later = backend.wait_for(lambda m: m.cmd == HEARTBEAT and m.at > beat.at + 5 * HB)
+    assert len(backend.messages(READY)) == 1
+    assert all(m.identity == peer for m in backend.messages() if m.at <= later.at)
 
 
-def test_stop_drains_everything_then_disconnects(scripted: ScriptedBroker, start: Any) -> None:
-    scripted.ack_drain = False
+def test_stop_drains_everything_then_disconnects(backend: ScriptedBackend, start: Any) -> None:
+    backend.ack_drain = False
     w = start(slow_echo, capacity=3)
-    peer = scripted.wait_cmd(READY).identity
-    scripted.request(peer, 0, {"n": 0})
-    scripted.wait_reply(0)  # heard from the broker: there is something to drain
-    scripted.request(peer, 1, {"delay": 0.2, "n": 1})
-    scripted.request(peer, 2, {"delay": 0.2, "n": 2})
+    peer = backend.wait_cmd(READY).identity
+    backend.request(peer, 9, {"n": 0})  # rid 0 is reserved (docs/protocol.md)
+    backend.wait_reply(9)  # heard from the broker: there is something to drain
+    backend.request(peer, 1, {"delay": 0.2, "n": 1})
+    backend.request(peer, 2, {"delay": 0.2, "n": 2})
     done: list[bool] = []
     stopper = threading.Thread(target=lambda: done.append(w.stop(timeout=10.0)))
     stopper.start()
-    drain = scripted.wait_cmd(DRAIN)
-    scripted.request(peer, 3, {"delay": 0.05, "n": 3})  # before the ack the broker may still send
-    scripted.wait_reply(2)
-    scripted.send(peer, encode_drain())
-    bye = scripted.wait_cmd(DISCONNECT, timeout=10.0)
-    replies = {m.header[1]: m for m in scripted.messages(REPLY)}
-    assert set(replies) == {0, 1, 2, 3}
+    drain = backend.wait_cmd(DRAIN)
+    backend.request(peer, 3, {"delay": 0.05, "n": 3})  # before the ack the broker may still send
+    backend.wait_reply(2)
+    backend.send(peer, encode_drain())
+    bye = backend.wait_cmd(DISCONNECT, timeout=10.0)
+    replies = {m.header[1]: m for m in backend.messages(REPLY)}
+    assert set(replies) == {9, 1, 2, 3}
     assert all(m.reply()[1] == STATUS_OK for m in replies.values())
     assert all(drain.at < bye.at and m.at < bye.at for m in replies.values())
     stopper.join(WAIT)
@@ -225,29 +200,29 @@ def test_async_handler_cannot_run_inline() -> None:
         Worker("svc", handler, broker="tcp://127.0.0.1:1", inline=True)
 
 
-def test_cli_drains_on_sigterm(procs: ProcessGroup, scripted: ScriptedBroker) -> None:
-    proc = _cli(procs, scripted, "zrouter.worker.examples:echo", "--capacity", "3", "--delay", "0.2")
-    peer = scripted.wait_cmd(READY, timeout=20.0).identity
-    scripted.request(peer, 1, b"one")
-    scripted.request(peer, 2, {"two": 2})
-    scripted.request(peer, 3, "three")
-    scripted.wait_reply(1)  # so 2 and 3 went out before the DRAIN acknowledgement can
+def test_cli_drains_on_sigterm(procs: ProcessGroup, backend: ScriptedBackend) -> None:
+    proc = _cli(procs, backend, "zrouter.worker.examples:echo", "--capacity", "3", "--delay", "0.2")
+    peer = backend.wait_cmd(READY, timeout=20.0).identity
+    backend.request(peer, 1, b"one")
+    backend.request(peer, 2, {"two": 2})
+    backend.request(peer, 3, "three")
+    backend.wait_reply(1)  # so 2 and 3 went out before the DRAIN acknowledgement can
     proc.signal(signal.SIGTERM)  # lands while request 2 runs: 2 and 3 are held
-    drain = scripted.wait_cmd(DRAIN)
-    bye = scripted.wait_cmd(DISCONNECT, timeout=10.0)
-    replies = {m.header[1]: m.reply() for m in scripted.messages(REPLY)}
+    drain = backend.wait_cmd(DRAIN)
+    bye = backend.wait_cmd(DISCONNECT, timeout=10.0)
+    replies = {m.header[1]: m.reply() for m in backend.messages(REPLY)}
     assert (replies[1][4], replies[2][4], replies[3][4]) == (b"one", {"two": 2}, "three")
-    assert drain.at < bye.at and all(m.at < bye.at for m in scripted.messages(REPLY))
+    assert drain.at < bye.at and all(m.at < bye.at for m in backend.messages(REPLY))
     assert proc.wait(10.0) == 0
     proc.wait_for("sync inline handler")
     proc.wait_for("SIGTERM: draining")
 
 
-def test_cli_second_signal_interrupts_the_running_handler(procs: ProcessGroup, scripted: ScriptedBroker) -> None:
-    scripted.ack_drain = False
-    proc = _cli(procs, scripted, "tests.integration.test_worker_inline:loud_sleep")
-    peer = scripted.wait_cmd(READY, timeout=20.0).identity
-    scripted.request(peer, 1, b"stuck")
+def test_cli_second_signal_interrupts_the_running_handler(procs: ProcessGroup, backend: ScriptedBackend) -> None:
+    backend.ack_drain = False
+    proc = _cli(procs, backend, "tests.integration.test_worker_inline:loud_sleep")
+    peer = backend.wait_cmd(READY, timeout=20.0).identity
+    backend.request(peer, 1, b"stuck")
     proc.wait_for(r"handler started on b'stuck'")
     proc.signal(signal.SIGTERM)
     proc.wait_for("SIGTERM: draining")  # a graceful stop waits for the handler...
@@ -256,8 +231,8 @@ def test_cli_second_signal_interrupts_the_running_handler(procs: ProcessGroup, s
     assert proc.wait(10.0) == 0
     assert time.monotonic() - t0 < 5.0
     proc.wait_for("request 1 abandoned")
-    scripted.wait_cmd(DISCONNECT)
-    assert not scripted.messages(REPLY)
+    backend.wait_cmd(DISCONNECT)
+    assert not backend.messages(REPLY)
 
 
 # -- against the real broker -----------------------------------------------------------------
@@ -304,18 +279,7 @@ def test_real_broker_capacity_bounds_what_the_worker_holds(procs: ProcessGroup) 
 
 
 def test_real_broker_sigterm_drain_loses_nothing(procs: ProcessGroup) -> None:
-    broker = procs.broker()
-    leaving = procs.worker(broker, capacity=4, delay=0.1, extra=["--inline"])
-    broker.wait_workers(1)
-    with Client(broker.frontend, timeout=20) as client:
-        client.request("svc", "warm-up")
-        pending = [client.submit("svc", i) for i in range(4)]  # all four held by the leaving worker
-        staying = procs.worker(broker, capacity=4, extra=["--inline"])
-        broker.wait_workers(2)
-        leaving.signal(signal.SIGTERM)
-        broker.wait_for("is draining")
-        more = [client.submit("svc", 100 + i) for i in range(8)]
-        answers = [x.result() for x in pending + more]
+    broker, leaving, staying, answers = drain_one_of_two_workers(procs, delay=0.1, extra=["--inline"])
     assert [a["payload"] for a in answers] == list(range(4)) + [100 + i for i in range(8)]
     assert leaving.wait() == 0
     assert [a for a in answers[4:] if str(leaving.pid) in str(a["worker"])] == []

@@ -15,6 +15,7 @@ import msgpack
 import pytest
 import zmq
 
+from tests.helpers import STATUS_ERRORS
 from zrouter.client._core import DEFAULT_BROKER, ClientCore, Entry, request_frames
 from zrouter.client._brokers import BrokerConn, normalize_brokers
 from zrouter import errors as err
@@ -202,19 +203,7 @@ def test_ok_reply_gives_raw_bytes_or_the_msgpack_value(flags: int, body: bytes, 
     assert not core.pending and conn(core, A).pending == 0
 
 
-@pytest.mark.parametrize(
-    ("status", "cls"),
-    [
-        (p.STATUS_TIMEOUT, err.RequestTimeout),
-        (p.STATUS_UNAVAILABLE, err.ServiceUnavailable),
-        (p.STATUS_OVERLOADED, err.Overloaded),
-        (p.STATUS_WORKER_LOST, err.WorkerLost),
-        (p.STATUS_BAD_REQUEST, err.ProtocolError),
-        (p.STATUS_TOO_LARGE, err.MessageTooLarge),
-        (p.STATUS_REMOTE_ERROR, err.RemoteError),
-        (99, err.ProtocolError),
-    ],
-)
+@pytest.mark.parametrize(("status", "cls"), STATUS_ERRORS)
 def test_every_error_status_raises_its_exception(status: int, cls: type[err.ZRouterError]) -> None:
     core, _ = make_core(A)
     entry = start(core)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
+from tests.helpers import STATUS_ERRORS
 from zrouter import errors
 from zrouter import protocol as p
 
@@ -210,20 +211,7 @@ def test_payload_flagged_msgpack_that_is_not_is_a_protocol_error() -> None:
         p.decode_payload(p.FLAG_MSGPACK, b"\xc1")
 
 
-@pytest.mark.parametrize(
-    ("status", "cls"),
-    [
-        (p.STATUS_TIMEOUT, errors.RequestTimeout),
-        (p.STATUS_UNAVAILABLE, errors.ServiceUnavailable),
-        (p.STATUS_OVERLOADED, errors.Overloaded),
-        (p.STATUS_WORKER_LOST, errors.WorkerLost),
-        (p.STATUS_BAD_REQUEST, errors.ProtocolError),
-        (p.STATUS_TOO_LARGE, errors.MessageTooLarge),
-        (p.STATUS_REMOTE_ERROR, errors.RemoteError),
-        (p.STATUS_FORBIDDEN, errors.Forbidden),
-        (99, errors.ProtocolError),
-    ],
-)
+@pytest.mark.parametrize(("status", "cls"), STATUS_ERRORS)
 def test_every_status_maps_to_one_exception(status: int, cls: type[Exception]) -> None:
     exc = p.error_for_status(status, "why", "KeyError")
     assert type(exc) is cls

@@ -1,4 +1,5 @@
-"""Unit tests of the worker's pure pieces: capacity split, backoff, CLI helpers, examples, config."""
+"""Unit tests of the worker's pure pieces: capacity split, backoff, CLI helpers, examples, config,
+the request path."""
 
 from __future__ import annotations
 
@@ -8,10 +9,25 @@ import random
 import time
 from typing import Any
 
+import msgpack
 import pytest
+import zmq
 
+from zrouter import protocol as p
+from zrouter.errors import ProtocolError
+from zrouter.protocol import (
+    FLAG_MSGPACK,
+    STATUS_BAD_REQUEST,
+    STATUS_OK,
+    STATUS_REMOTE_ERROR,
+    decode_payload,
+    decode_reply,
+    encode_payload,
+)
 from zrouter.worker import DEFAULT_BROKER, RequestInfo, Worker, current_request
-from zrouter.worker._connection import BACKOFF_INITIAL, BACKOFF_MAX, backoff_delay, split_capacity
+from zrouter.worker._engine import _decode
+from zrouter.worker._connection import BACKOFF_INITIAL, BACKOFF_MAX, BrokerConnection, backoff_delay, split_capacity
+from zrouter.worker._handlers import Abandon, Job, respond, respond_async
 from zrouter.worker._worker import _is_async
 from zrouter.worker.cli import build_parser, load_handler, main, with_delay
 from zrouter.worker.examples import async_echo, async_slow_echo, echo, fail, slow_echo, whoami
@@ -185,3 +201,100 @@ def test_request_info_fields() -> None:
         "deadline": 12.5,
         "instance_id": "inst",
     }
+
+
+# -- the request path (worker._handlers.respond): decode, call, encode; no sockets -------------
+
+
+def _job(payload: Any, *, flags: int | None = None, rid: int = 7) -> Job:
+    wire_flags, body = encode_payload(payload)
+    frame = zmq.Frame(bytes(body))
+    return Job(BrokerConnection("tcp://127.0.0.1:1", 0), 1, rid, "svc", 2, 123.5,
+               wire_flags if flags is None else flags, frame)  # fmt: skip
+
+
+def _outcome(reply: tuple[bytes, Any]) -> tuple[int, int, str | None, str | None, Any]:
+    header, payload = reply
+    r = decode_reply(header)
+    return r.rid, r.status, r.message, r.error_type, decode_payload(r.flags, bytes(payload))
+
+
+def test_respond_decodes_calls_and_encodes_with_the_request_set() -> None:
+    seen: list[RequestInfo | None] = []
+
+    def handler(payload: Any) -> Any:
+        seen.append(current_request())
+        return payload
+
+    assert _outcome(respond(_job(b"\x00raw"), handler, "inst")) == (7, STATUS_OK, None, None, b"\x00raw")
+    assert _outcome(respond(_job({"a": [1]}), handler, "inst"))[4] == {"a": [1]}
+    assert seen[0] == RequestInfo(7, "svc", 2, 123.5, "inst")
+    assert current_request() is None
+
+
+def test_respond_turns_every_failure_into_a_reply() -> None:
+    rid, status, _, error_type, _ = _outcome(respond(_job(b"\xc1", flags=FLAG_MSGPACK), echo, "inst"))  # 0xc1: never valid
+    assert (rid, status, error_type) == (7, STATUS_BAD_REQUEST, "ProtocolError")
+    assert _outcome(respond(_job(b"x"), fail, "inst"))[1:4] == (STATUS_REMOTE_ERROR, "boom", "ValueError")
+
+    def leaves(payload: Any) -> Any:
+        raise SystemExit(3)
+
+    assert _outcome(respond(_job(b"x"), leaves, "inst"))[1:4:2] == (STATUS_REMOTE_ERROR, "SystemExit")
+    unencodable = _outcome(respond(_job(b"x"), lambda p: object(), "inst"))
+    assert unencodable[1] == STATUS_REMOTE_ERROR and unencodable[3] == "TypeError"
+    # A handler that raises ProtocolError itself (say, from a client it uses) is the handler's error.
+    assert _outcome(respond(_job(b"x"), lambda p: fail_with(ProtocolError("mine")), "inst"))[1:4] == (
+        STATUS_REMOTE_ERROR, "mine", "ProtocolError")  # fmt: skip
+    assert current_request() is None
+
+
+def fail_with(exc: BaseException) -> Any:
+    raise exc
+
+
+def test_respond_lets_abandon_out() -> None:
+    with pytest.raises(Abandon):
+        respond(_job(b"x"), lambda p: fail_with(Abandon()), "inst")
+    assert current_request() is None
+
+
+def test_respond_async_maps_like_respond() -> None:
+    async def handler(payload: Any) -> Any:
+        if payload == b"fail":
+            raise ValueError("boom")
+        info = current_request()
+        assert info is not None
+        return {"rid": info.rid, "instance": info.instance_id}
+
+    def run(job: Job) -> tuple[int, int, str | None, str | None, Any]:
+        return _outcome(asyncio.run(respond_async(job, handler, "inst")))
+
+    assert run(_job(b"ok"))[1:5:3] == (STATUS_OK, {"rid": 7, "instance": "inst"})
+    assert run(_job(b"fail"))[1:4] == (STATUS_REMOTE_ERROR, "boom", "ValueError")
+    assert run(_job(b"\xc1", flags=FLAG_MSGPACK))[1] == STATUS_BAD_REQUEST
+
+
+def test_the_worker_reads_broker_messages_with_the_protocol_decoders() -> None:
+    def frames(*parts: bytes) -> list[zmq.Frame]:
+        return [zmq.Frame(x) for x in parts]
+
+    request = p.encode_request(5, "svc", 1000, 0, 0)
+    assert _decode(frames(p.SIGNATURE, request, b"x")) == p.Request(5, "svc", 1000, 0, 0, None)
+    assert _decode(frames(p.SIGNATURE, p.encode_heartbeat())) == p.HEARTBEAT_MSG
+    assert _decode(frames(p.SIGNATURE, p.encode_disconnect("who?"))) == p.Disconnect("who?")
+    refused = [
+        (frames(p.SIGNATURE, p.encode_heartbeat(), b"x"), "frames", 0),  # HEARTBEAT has no payload
+        (frames(p.SIGNATURE, request), "frames", 5),  # a REQUEST has one
+        (frames(p.SIGNATURE, request, b"x", b"y"), "frames", 0),
+        (frames(b"ZRT0", request, b"x"), "signature", 0),
+        (frames(p.SIGNATURE, p.encode_request(6, "svc", 0, 0, 0), b"x"), "field", 6),  # timeout_ms 0
+        (frames(p.SIGNATURE, p.encode_reply(7), b"x"), "wrong_command", 7),  # brokers send no REPLY to workers
+        (frames(p.SIGNATURE, b"\xc1"), "not_msgpack", 0),
+    ]
+    for message, kind, rid in refused:
+        with pytest.raises(p.BadMessage) as info:
+            _decode(message)
+        assert (info.value.kind, info.value.rid) == (kind, rid)
+    with pytest.raises(p.UnknownCommand):
+        _decode(frames(p.SIGNATURE, msgpack.packb([0x7F])))
