@@ -25,7 +25,8 @@ test: $(STAMP) consul prometheus chromium lint
 # the compiled one), so the two cannot drift: every decoder, limit and conversation on both.
 PURE_TESTS := tests/unit tests/protocol tests/fuzz tests/native tests/integration/test_system.py \
 	tests/integration/test_worker_peer.py tests/integration/test_client_peer.py tests/integration/test_worker_inline.py \
-	tests/integration/test_curve.py tests/integration/test_hostile_broker.py tests/integration/test_hostile_loop.py
+	tests/integration/test_curve.py tests/integration/test_hostile_broker.py tests/integration/test_hostile_loop.py \
+	tests/integration/test_memory_floods.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check zrouter broker worker client tests bench scripts

@@ -10,10 +10,12 @@ Sections (``--only`` takes these names, comma-separated):
   scale        idle broker cost with 10/100/1,000 workers, CPU per request, 100,000 queued
                requests, policy pick cost at 10/1,000/10,000 workers
   simulate     discrete-event simulation of the policies at 1,000 workers
-  mq           sections 5 and 4's SIGKILL and slow-worker scenarios on NATS and RabbitMQ
   metrics      the cost of observing: pipelined req/s with metrics on (--http, scraped every
                second, a dashboard open) vs off, same run
   curve        CURVE's cost: pipelined req/s and one-at-a-time p50, CURVE on vs off
+  memory       broker RSS over time under each flood of issue 7 (unserved service, hoarding
+               worker, client that never reads, unread large replies, oversize frames)
+  mq           sections 5 and 4's SIGKILL and slow-worker scenarios on NATS and RabbitMQ
 
 Progress goes to stderr; the table to stdout; results to bench/results/latest.json; plots to
 docs/bench/*.png.
@@ -34,7 +36,8 @@ from typing import Any
 
 from bench.harness import REPO, Row, Settings, progress
 
-SECTIONS = ("throughput", "latency", "payload", "policy", "failover", "scale", "simulate", "metrics", "curve", "mq")
+SECTIONS = ("throughput", "latency", "payload", "policy", "failover", "scale", "simulate", "metrics", "curve",
+            "memory", "mq")
 MODULES = {
     "throughput": "bench.throughput",
     "latency": "bench.latency",
@@ -45,6 +48,7 @@ MODULES = {
     "simulate": "bench.simulate",
     "metrics": "bench.metrics",
     "curve": "bench.curve",
+    "memory": "bench.memory",
     "mq": "bench.mq_scenarios",
 }
 COLUMNS = ("measurement", "zrouter", "zrouter pure", "zmq.proxy", "majortomo", "NATS", "RabbitMQ", "ratio", "target",

@@ -154,7 +154,7 @@ def fill(args: argparse.Namespace) -> None:
     """Queue ``args.count`` requests at the broker and hold them until stdin says stop."""
     from zrouter.client import Client
 
-    c = Client(args.endpoint, timeout=args.timeout)
+    c = Client(args.endpoint, timeout=args.timeout, max_inflight=args.count + 1)  # all at the broker at once
     c.request(args.probe, b"probe", timeout=60.0)  # connected
     t0 = time.perf_counter()
     pend = [c.submit(args.service, b"x" * args.size, timeout=args.timeout) for _ in range(args.count)]

@@ -6,7 +6,7 @@
 - Under load, with the same workers answering at once: broker CPU µs per request of a
   pipelined zrouter client (100 in flight), as section 1 but over N workers.
 - Queue: 100,000 requests waiting for a service nobody serves (``--grace 600 --max-queue
-  200000``, 600 s timeouts): broker RSS before and after, bytes and CPU µs per queued request.
+  200000 --max-client-requests 200000``, 600 s timeouts): broker RSS before and after, bytes and CPU µs per queued request.
 - Pick cost: every policy at 10 / 1,000 / 10,000 workers, in process, from
   ``bench/policy_pick.py`` (µs per pick + changed cycle, and per remove + add).
 """
@@ -83,7 +83,8 @@ def idle_and_load(n: int, idle_s: float, load_s: float) -> dict[str, Any]:
 
 def queued(count: int) -> dict[str, Any]:
     with Cluster() as cluster:
-        system = _broker(cluster, "--grace", "600", "--max-queue", str(2 * count))
+        system = _broker(cluster, "--grace", "600", "--max-queue", str(2 * count),
+                         "--max-client-requests", str(2 * count))  # one client queues them all
         _fakes(cluster, system, "probe", 1)
         pid = system.broker.pid
         rss0, cpu0 = rss_bytes(pid), cpu_seconds(pid)

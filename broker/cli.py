@@ -76,7 +76,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grace", type=float, default=d.grace, metavar="SECONDS",
                    help="how long a request for a service nobody serves waits for a worker")
     p.add_argument("--max-message-size", type=_size, default=d.max_message_size, metavar="BYTES",
-                   help="largest request payload accepted (suffixes k, m, g)")
+                   help="largest payload frame, requests and replies (suffixes k, m, g); a larger frame makes "
+                        "ZeroMQ drop the connection that sent it before it is read (ZMQ_MAXMSGSIZE)")
+    m = p.add_argument_group(
+        "memory bounds (with the defaults no one client or worker makes the broker hold more than a few tens of MB;"
+        " clients keep within the client bounds themselves: set theirs to match)")
+    m.add_argument("--max-client-requests", type=int, default=d.max_client_requests, metavar="N",
+                   help="requests one client connection may have here, queued or at workers; more are answered "
+                        "'overloaded' at once")
+    m.add_argument("--max-client-bytes", type=_size, default=d.max_client_bytes, metavar="BYTES",
+                   help="payload bytes of those requests; past it, 'overloaded' at once")
+    m.add_argument("--max-client-unread", type=int, default=d.max_client_unread, metavar="N",
+                   help="replies queued for one client that is not reading them (the front end's ZMQ_SNDHWM); "
+                        "past it a reply is undeliverable: dropped, counted and logged")
+    m.add_argument("--max-client-unread-bytes", type=_size, default=d.max_client_unread_bytes, metavar="BYTES",
+                   help="bytes of replies queued for one client (within 1/16); a reply past it is replaced by a "
+                        "'too large' answer")
+    m.add_argument("--max-services", type=int, default=d.max_services, metavar="N",
+                   help="services kept at once (clients create one by naming it; one nobody serves is forgotten "
+                        "after --grace); a request naming a new one past this gets 'unavailable' at once")
+    m.add_argument("--max-capacity", type=int, default=d.max_capacity, metavar="N",
+                   help="credits granted to one worker connection; a larger declared capacity is clamped to it")
+    m.add_argument("--max-worker-bytes", type=_size, default=d.max_worker_bytes, metavar="BYTES",
+                   help="payload bytes of the requests one worker holds (those answered 'timeout' but not yet "
+                        "replied to included); past it the worker gets nothing new until it replies")
     p.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace, metavar="SECONDS",
                    help="on SIGINT/SIGTERM, how long to wait for workers to answer what they hold")
     p.add_argument("--stats-interval", type=float, default=d.stats_interval, metavar="SECONDS",
@@ -133,6 +156,13 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         max_attempts=args.max_attempts,
         grace=args.grace,
         max_message_size=args.max_message_size,
+        max_services=args.max_services,
+        max_client_requests=args.max_client_requests,
+        max_client_bytes=args.max_client_bytes,
+        max_client_unread=args.max_client_unread,
+        max_client_unread_bytes=args.max_client_unread_bytes,
+        max_capacity=args.max_capacity,
+        max_worker_bytes=args.max_worker_bytes,
         shutdown_grace=args.shutdown_grace,
         stats_interval=args.stats_interval,
         consul=None if args.no_consul else args.consul,

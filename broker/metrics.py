@@ -22,6 +22,10 @@ snapshot and turns it into metric families. Names follow Prometheus's convention
     zrouter_worker_weight{service,instance}         gauge: the effective weight
     zrouter_worker_latency_ewma_seconds{service,instance}  gauge
     zrouter_late_replies_total                      counter: replies for requests given up on
+    zrouter_undeliverable_replies_total             counter: replies ZeroMQ would not queue (client
+                                                    gone, or --max-client-unread replies unread)
+    zrouter_unread_overflow_replies_total           counter: replies replaced by TOO_LARGE (client
+                                                    at --max-client-unread-bytes)
     zrouter_bad_messages_total{port,kind}           counter: port frontend/backend
     zrouter_consul_up                               gauge (with --consul): 1 while Consul answers
 
@@ -250,6 +254,12 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     yield CounterMetricFamily("zrouter_late_replies_total",
                               "Worker replies for requests the broker had already given up on (dropped).",
                               value=snap.late_replies)  # fmt: skip
+    yield CounterMetricFamily("zrouter_undeliverable_replies_total",
+                              "Replies ZeroMQ would not queue for their client (gone, or not reading): dropped.",
+                              value=snap.totals.get("undeliverable", 0))  # fmt: skip
+    yield CounterMetricFamily("zrouter_unread_overflow_replies_total",
+                              "Replies replaced by TOO_LARGE: their client had its bound of unread reply bytes.",
+                              value=snap.totals.get("unread_overflow", 0))  # fmt: skip
     bad = CounterMetricFamily("zrouter_bad_messages_total", "Malformed or unexpected messages, by port and kind.",
                               labels=["port", "kind"])  # fmt: skip
     for (port, kind), n in sorted(snap.bad_messages.items()):

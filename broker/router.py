@@ -29,8 +29,8 @@ from zrouter.broker.policies.base import make_policy
 from zrouter.broker.slow_start import slow_credit, slow_weight, starts_slow
 from zrouter.broker.counters import BOUNDS, LATENCY_ALPHA, MAX_SERVICES, OTHER_SERVICE, ServiceStats
 from zrouter.broker.state import ServiceQueue
-from zrouter.broker.state import DONE, INFLIGHT, Request, Service, WorkerState
-from zrouter import protocol
+from zrouter.broker.state import DONE, INFLIGHT, ClientLoad, Request, Service, WorkerState
+from zrouter import limits, protocol
 
 __all__ = ["Access", "Refused", "Router", "Sink", "Stats"]
 
@@ -44,6 +44,19 @@ _HEARTBEAT: Final = protocol.encode_heartbeat()
 _DRAIN: Final = protocol.encode_drain()
 _STATUS_OK: Final = protocol.STATUS_OK
 _SHUTTING_DOWN: Final = protocol.encode_disconnect("shutting down")
+_OVERLOADED: Final = protocol.STATUS_OVERLOADED
+# libzmq receives messages of up to its 8 KiB read batch (ZMQ_IN_BATCH_SIZE) into one shared
+# buffer of ~18 KiB (the bytes and a reference count per possible message): one such payload kept
+# keeps the whole buffer. A payload this small that has to wait in a queue is copied out first,
+# so a queued request costs its own size, not the buffer's.
+_COMPACT_BELOW: Final = 8192
+# Requests workers hold are filed by deadline in slots of 1/_SLOTS_PER_S seconds (a slot is a
+# list: filing costs an append, not a heap operation per request); a slot is looked at once its
+# end has passed, so the broker answers a held request at most 1/_SLOTS_PER_S s after its
+# deadline. Entries of requests answered since are skipped then; when they outnumber live ones
+# by more than _HELD_SLACK, the slots are rebuilt from what workers hold.
+_SLOTS_PER_S: Final = 100.0
+_HELD_SLACK: Final = 1024
 
 
 class Refused(Exception):
@@ -87,6 +100,8 @@ class Stats:
     late: int = 0
     bad: int = 0
     forbidden: int = 0  # requests and READYs refused by key (CURVE brokers)
+    undeliverable: int = 0  # replies ZeroMQ would not queue: the client is gone or reads nothing
+    unread_overflow: int = 0  # replies replaced by TOO_LARGE: the client's unread bytes are at the bound
     workers_joined: int = 0
     workers_left: int = 0
 
@@ -111,6 +126,11 @@ class Router:
         rng: random.Random | None = None,
         slow_start: float = 0.0,
         service_slow_start: Mapping[str, float] | None = None,
+        max_services: int = limits.MAX_SERVICES,
+        max_client_requests: int = limits.MAX_CLIENT_REQUESTS,
+        max_client_bytes: int = limits.MAX_CLIENT_BYTES,
+        max_capacity: int = limits.MAX_CAPACITY,
+        max_worker_bytes: int = limits.MAX_WORKER_BYTES,
     ) -> None:
         self.sink = sink
         self.default_policy = default_policy
@@ -127,6 +147,18 @@ class Router:
         self.slow_start = slow_start
         self.service_slow_start = dict(service_slow_start or {})
         self._ramping: dict[bytes, WorkerState] = {}  # workers in their slow start, by ident
+        # Memory bounds (zrouter.limits).
+        self.max_services = max_services
+        self.max_client_requests = max_client_requests
+        self.max_client_bytes = max_client_bytes
+        self.max_capacity = max_capacity
+        self.max_worker_bytes = max_worker_bytes
+        self.clients: dict[bytes, ClientLoad] = {}  # client routing id -> what it has here
+        # Every request a worker holds, by deadline slot: at the deadline the broker answers
+        # TIMEOUT itself. Slot numbers in a heap, slots in a dict (see _SLOTS_PER_S).
+        self._slots: dict[int, list[Request]] = {}
+        self._slot_heap: list[int] = []
+        self._slotted = 0  # entries in all slots, live or stale
         self.services: dict[str, Service] = {}
         self.workers: dict[bytes, WorkerState] = {}
         self.by_instance: dict[str, WorkerState] = {}
@@ -194,13 +226,39 @@ class Router:
         payload: Any,
         now: float,
     ) -> None:
-        """A client's request: dispatch it now, queue it, or refuse it with a reply."""
+        """A client's request: dispatch it now, queue it, or refuse it with a reply.
+
+        Refused at once: OVERLOADED past the client's bounds (``max_client_requests`` accepted
+        and unanswered, or ``max_client_bytes`` of their payloads) or past the service's queue
+        bound; UNAVAILABLE when shutting down, or for a service this broker does not know while
+        it already keeps ``max_services``.
+        """
         if not self.accepting:
             self.count_status(service, protocol.STATUS_UNAVAILABLE)
             self.answer(client, crid, protocol.STATUS_UNAVAILABLE, "broker is shutting down")
             return
-        svc = self.services.get(service) or self.service(service, now)
-        req = Request(client, crid, svc, now + timeout_ms / 1000.0, attempt, flags, key, payload, now)
+        load = self.clients.get(client)
+        if load is None:
+            load = self.clients[client] = ClientLoad()
+        size = len(payload)
+        if load.requests >= self.max_client_requests or load.bytes + size > self.max_client_bytes:
+            self.stats.overloaded += 1
+            self.count_status(service, _OVERLOADED)
+            self.answer(client, crid, _OVERLOADED, self._client_full(load, size))
+            return
+        svc = self.services.get(service)
+        if svc is None:
+            if len(self.services) >= self.max_services:
+                self.stats.unavailable += 1
+                self.count_status(service, protocol.STATUS_UNAVAILABLE)
+                self.answer(client, crid, protocol.STATUS_UNAVAILABLE,
+                            f"no worker serves service {service}, and this broker already keeps "
+                            f"{len(self.services)} services (--max-services)")
+                return
+            svc = self.service(service, now)
+        req = Request(client, crid, svc, now + timeout_ms / 1000.0, attempt, flags, key, payload, now, size, load)
+        load.requests += 1
+        load.bytes += size
         self.stats.accepted += 1
         if not svc.queue:
             w = svc.policy.pick(key)
@@ -209,17 +267,40 @@ class Router:
                 self._dispatch(req, w, now)  # type: ignore[arg-type]
                 return
         grace_until = None if svc.n_routable else now + self.grace
+        if size <= _COMPACT_BELOW:
+            data = getattr(payload, "bytes", None)  # a zmq.Frame: its own copy (pyzmq's Frame.bytes)
+            if data is not None:
+                req.payload = data
         if not svc.queue.push(req, now, grace_until):
             self.stats.overloaded += 1
+            self._release(req)
             svc.stats.counts[protocol.STATUS_OVERLOADED] += 1
             self.answer(client, crid, protocol.STATUS_OVERLOADED, f"the queue of service {service} is full")
+
+    def _client_full(self, load: ClientLoad, size: int) -> str:
+        if load.requests >= self.max_client_requests:
+            return (f"this client already has {load.requests} requests in this broker "
+                    f"(--max-client-requests {self.max_client_requests}); read replies before sending more")
+        return (f"this client's requests in this broker already hold {load.bytes} bytes; {size} more would pass "
+                f"--max-client-bytes {self.max_client_bytes}")
 
     def answer(self, client: bytes, crid: int, status: int, message: str) -> None:
         self.sink.to_client(client, protocol.encode_reply(crid, status, 0, message), b"")
 
+    @staticmethod
+    def _release(req: Request) -> None:
+        """The request is answered: its client may use the room, and its payload is freed."""
+        load = req.load
+        if load is not None:
+            req.load = None
+            load.requests -= 1
+            load.bytes -= req.size
+        req.payload = None
+
     def _fail(self, req: Request, status: int, message: str, now: float | None = None) -> None:
         """Answer ``req`` with an error; ``now`` (None at shutdown) times it for the metrics."""
         req.state = DONE
+        self._release(req)
         if status == protocol.STATUS_TIMEOUT:
             self.stats.timeouts += 1
         elif status == protocol.STATUS_UNAVAILABLE:
@@ -241,9 +322,16 @@ class Router:
         req.state = INFLIGHT
         w.inflight[rid] = req
         w.outstanding += 1
+        w.held_bytes += req.size
         self.n_inflight += 1
+        slot = int(req.deadline * _SLOTS_PER_S) + 1
+        entries = self._slots.get(slot)
+        if entries is None:
+            entries = self._new_slot(slot)
+        entries.append(req)
+        self._slotted += 1
         svc = req.service
-        if w.outstanding >= w.credit:
+        if w.outstanding >= w.credit or w.held_bytes >= w.max_bytes:
             svc.policy.remove(w)
             w.in_policy = False
         else:
@@ -306,6 +394,7 @@ class Router:
         svc = self.service(ready.service, now)
         w = WorkerState(ident, svc, ready.capacity, ready.weight, ready.meta, now)
         w.fd = fd
+        self._limit(w)
         w.declared = ready
         w.heartbeat = self._heartbeat_of(ready)
         w.silence_limit = w.heartbeat * self.liveness
@@ -329,6 +418,16 @@ class Router:
         )
         self._pump(svc, now)
         return w
+
+    def _limit(self, w: WorkerState) -> None:
+        """At most ``max_capacity`` credits per worker connection, whatever it declared (it then
+        gets fewer requests than it can take, never more), and ``max_worker_bytes``."""
+        w.max_bytes = self.max_worker_bytes
+        if w.capacity > self.max_capacity:
+            log.warning("worker %s declares capacity %d; this broker grants at most %d (--max-capacity)",
+                        w.instance, w.capacity, self.max_capacity,
+                        extra={"service": w.service.name, "instance": w.instance})
+            w.capacity = self.max_capacity
 
     def _heartbeat_of(self, ready: protocol.Ready) -> float:
         """The interval a worker is judged by and heartbeated at: the one it declared (READY
@@ -393,10 +492,29 @@ class Router:
         req = w.inflight.pop(rid, None)
         if req is None:
             self.stats.late += 1
-            log.debug("dropped a late or unknown reply %d from %s", rid, w.instance,
-                      extra={"service": w.service.name, "instance": w.instance, "rid": rid})
+            size = w.expired.pop(rid, None)
+            if size is None:
+                log.debug("dropped a late or unknown reply %d from %s", rid, w.instance,
+                          extra={"service": w.service.name, "instance": w.instance, "rid": rid})
+                return
+            # Answered TIMEOUT at its deadline while this worker held it: the reply is dropped,
+            # the credit given back.
+            w.held_bytes -= size
+            w.outstanding -= 1
+            self.n_inflight -= 1
+            self._refresh(w)
+            if w.service.queue:
+                self._pump(w.service, now)
             return
+        size = req.size
+        w.held_bytes -= size
         req.state = DONE
+        load = req.load
+        if load is not None:  # _release(), inlined on the hot path
+            req.load = None
+            load.requests -= 1
+            load.bytes -= size
+        req.payload = None
         w.outstanding -= 1
         self.n_inflight -= 1
         w.served += 1
@@ -420,7 +538,7 @@ class Router:
         hist.sum += d
         if w.in_policy:
             svc.policy.changed(w)
-        elif w.outstanding < w.credit and w.counted:
+        elif w.outstanding < w.credit and w.held_bytes < w.max_bytes and w.counted:
             svc.policy.add(w)
             w.in_policy = True
         if svc.queue:
@@ -439,6 +557,7 @@ class Router:
 
     def worker_update(self, w: WorkerState, capacity: int, weight: int, now: float) -> None:
         w.capacity = capacity
+        self._limit(w)
         w.base_weight = weight
         if isinstance(w.declared, protocol.Ready):
             w.declared = w.declared._replace(capacity=capacity, weight=weight)
@@ -630,7 +749,7 @@ class Router:
         if routable != w.counted:
             svc.n_routable += 1 if routable else -1
             w.counted = routable
-        if routable and w.outstanding < w.credit:
+        if routable and w.has_credit():
             if w.in_policy:
                 svc.policy.changed(w)
             else:
@@ -654,6 +773,8 @@ class Router:
         for name in [n for n, s in self.services.items() if not s.workers and not s.queue
                      and now - s.created_at > self.grace]:
             del self.services[name]  # a typo'd service name must not live forever
+        for client in [c for c, load in self.clients.items() if not load.requests]:
+            del self.clients[client]  # swept here, not per reply: cheaper for one-at-a-time clients
 
     def _ramp(self, now: float) -> None:
         """Move the workers in slow start along their ramp (more credit may free queued work)."""
@@ -666,6 +787,9 @@ class Router:
                 self._pump(w.service, now)
 
     def expire(self, now: float) -> None:
+        """Answer what is due: queued requests past their deadline (TIMEOUT) or grace period
+        (UNAVAILABLE), and requests workers hold past their deadline (TIMEOUT: the payload is
+        freed now; the worker's credit stays taken until it replies, late, or is lost)."""
         for svc in self.services.values():
             if svc.queue:
                 for req, status in svc.queue.expire(now, unavailable=not svc.n_routable):
@@ -674,9 +798,45 @@ class Router:
                     else:
                         text = "deadline passed while queued"
                     self._fail(req, status, text, now)
+        heap = self._slot_heap
+        due = now * _SLOTS_PER_S
+        while heap and heap[0] <= due:
+            entries = self._slots.pop(heapq.heappop(heap))
+            self._slotted -= len(entries)
+            for req in entries:
+                w = req.worker
+                if req.state != INFLIGHT or w is None:
+                    continue  # answered since (a request requeued and sent again is filed again)
+                w.inflight.pop(req.rid, None)
+                w.expired[req.rid] = req.size
+                self._fail(req, protocol.STATUS_TIMEOUT, "deadline passed while a worker held the request", now)
+
+    def _new_slot(self, slot: int) -> list[Request]:
+        if self._slotted > 2 * self.n_inflight + _HELD_SLACK:
+            self._refile()
+            entries = self._slots.get(slot)
+            if entries is not None:
+                return entries
+        entries = self._slots[slot] = []
+        heapq.heappush(self._slot_heap, slot)
+        return entries
+
+    def _refile(self) -> None:
+        """Rebuild the deadline slots from what workers hold, dropping answered entries."""
+        slots: dict[int, list[Request]] = {}
+        for w in self.workers.values():
+            for req in w.inflight.values():
+                slots.setdefault(int(req.deadline * _SLOTS_PER_S) + 1, []).append(req)
+        self._slots = slots
+        self._slot_heap = list(slots)
+        heapq.heapify(self._slot_heap)
+        self._slotted = sum(len(entries) for entries in slots.values())
 
     def next_timer(self) -> float | None:
-        soonest: float | None = None
+        if self._slotted > 2 * self.n_inflight + _HELD_SLACK:
+            self._refile()  # a burst within one slot: rebuilt here, once per turn of the loop
+        heap = self._slot_heap
+        soonest: float | None = heap[0] / _SLOTS_PER_S if heap else None
         for svc in self.services.values():
             if svc.queue:
                 t = svc.queue.next_timer()

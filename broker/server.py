@@ -24,12 +24,13 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from zrouter.broker.router import Refused, Router
+from zrouter.broker.unread import UnreadReplies
 
 if TYPE_CHECKING:
     from zrouter.broker.auth import BrokerAuth
     from zrouter.broker.consul_link import ConsulLink
     from zrouter.broker.http import BrokerHTTP
-from zrouter import protocol
+from zrouter import limits, protocol
 from zrouter.curve import EVENT_HANDSHAKE_FAILED
 from zrouter.ratelimit import RateLimiter
 from zrouter.transport import NOBLOCK
@@ -50,6 +51,11 @@ SHUTDOWN_GRACE: Final = 5.0
 # workers, a wake-up per heartbeat cost more than the heartbeats). New requests never wait:
 # the front end is always read at once.
 IDLE_BACKEND_PERIOD: Final = 0.02
+# Requests read ahead from one client's connection (the front end's ZMQ_RCVHWM) before TCP
+# pushes back: a small one (up to libzmq's 8 KiB read batch) pins a shared ~18 KiB receive
+# buffer until the loop takes it, so this bounds what a client sending faster than the broker
+# handles makes it hold (~2.3 MB), without slowing pipelined clients (batches are BATCH long).
+READ_AHEAD: Final = 128
 
 _SIG: Final = protocol.SIGNATURE
 _REQUEST: Final = protocol.REQUEST
@@ -88,7 +94,15 @@ class BrokerConfig:
     max_queue: int = 10_000
     max_attempts: int = 3
     grace: float = 1.0
-    max_message_size: int = 64 * 1024 * 1024
+    max_message_size: int = limits.MAX_MESSAGE_SIZE
+    # Memory bounds (zrouter/limits.py and README.md say what each one holds).
+    max_services: int = limits.MAX_SERVICES
+    max_client_requests: int = limits.MAX_CLIENT_REQUESTS
+    max_client_bytes: int = limits.MAX_CLIENT_BYTES
+    max_client_unread: int = limits.MAX_CLIENT_UNREAD
+    max_client_unread_bytes: int = limits.MAX_CLIENT_UNREAD_BYTES
+    max_capacity: int = limits.MAX_CAPACITY
+    max_worker_bytes: int = limits.MAX_WORKER_BYTES
     shutdown_grace: float = SHUTDOWN_GRACE
     stats_interval: float = 30.0
     consul: str | None = None  # address of a Consul agent; None: the embedded registry only
@@ -105,11 +119,25 @@ class BrokerConfig:
     worker_keys: str | None = None  # directory of allowed workers' public .key files
     client_keys: str | None = None  # the same for clients; None: any client key but a worker's
 
+    def check(self) -> None:
+        """Raise ValueError for bounds that contradict each other (a payload the size limit
+        allows must fit in a client's bounds, or it could never be served)."""
+        for name in ("max_message_size", "max_services", "max_client_requests", "max_client_bytes",
+                     "max_client_unread", "max_client_unread_bytes", "max_capacity", "max_worker_bytes",
+                     "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("max_client_bytes", "max_client_unread_bytes"):
+            if getattr(self, name) < self.max_message_size:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be at least max_message_size "
+                                 f"({self.max_message_size})")
+
 
 class Broker:
     """One broker. ``run()`` blocks; ``stop()`` may be called from any thread or a signal handler."""
 
     def __init__(self, config: BrokerConfig, context: zmq.Context[Any] | None = None) -> None:
+        config.check()
         self.config = config
         # A ZAP handler is bound once per context: a CURVE broker gets a context of its own.
         self._own_ctx = context is None and bool(config.curve_secret_key)
@@ -125,13 +153,30 @@ class Broker:
             liveness=config.liveness,
             slow_start=config.slow_start,
             service_slow_start=config.service_slow_start,
+            max_services=config.max_services,
+            max_client_requests=config.max_client_requests,
+            max_client_bytes=config.max_client_bytes,
+            max_capacity=config.max_capacity,
+            max_worker_bytes=config.max_worker_bytes,
         )
         self.front: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)
         self.back: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)
+        maxmsgsize = limits.socket_max_message_size(config.max_message_size, protocol.MAX_HEADER_SIZE)
         for s in (self.front, self.back):
             s.linger = 1000  # let final replies out at exit, but never hang on a dead peer
             s.sndhwm = 100_000
             s.rcvhwm = 100_000
+            # A larger frame is refused while it arrives (libzmq drops that peer's connection),
+            # never read into memory first.
+            s.setsockopt(zmq.MAXMSGSIZE, maxmsgsize)
+        # Per client: the replies queued for it (past that, a reply is undeliverable, and with
+        # ROUTER_MANDATORY the send says so instead of dropping it silently), and the requests
+        # read ahead from it.
+        self.front.sndhwm = config.max_client_unread
+        self.front.rcvhwm = min(READ_AHEAD, config.max_client_requests)
+        self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.unread = UnreadReplies(config.max_client_unread_bytes)
+        self._reply_log = RateLimiter(1.0, 1, 2)  # a line a second for each kind of lost reply
         # Sending to a vanished worker must fail loudly so its request is requeued at once.
         self.back.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.auth: BrokerAuth | None = None
@@ -256,7 +301,61 @@ class Broker:
         return True
 
     def to_client(self, client: bytes, header: bytes, payload: Any) -> None:
-        send_frames(self.front, (client, _SIG, header, payload), 0)
+        """Queue a reply for ``client``, never blocking and never dropping it unsaid: one ZeroMQ
+        will not queue (the client is gone, or has ``max_client_unread`` replies unread) is
+        counted and logged; one that would take the client's unread bytes past
+        ``max_client_unread_bytes`` is replaced by a TOO_LARGE answer."""
+        size = len(payload)
+        verdict = 0
+        if size:
+            verdict = self.unread.add(client, size)
+            if verdict < 0:
+                header, payload, size = self._overflow(client, header, size)
+                verdict = 0
+        frame = None
+        if verdict:  # a tracked frame (pyzmq's own: send_frames passes a zmq.Frame to pyzmq)
+            frame = zmq.Frame(getattr(payload, "buffer", payload), copy=False, track=True)
+            payload = frame
+        try:
+            # One call per message; NOBLOCK decides on the first frame (the identity): once it
+            # is in, the rest of the message is too.
+            send_frames(self.front, (client, _SIG, header, payload), NOBLOCK)
+        except zmq.ZMQError as exc:
+            if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                raise
+            if size:
+                self.unread.undo(client, size)
+            self._undeliverable(client, exc.errno)
+            return
+        if frame is not None:
+            self.unread.track(client, frame.tracker)
+
+    def _undeliverable(self, client: bytes, err: int) -> None:
+        self.router.stats.undeliverable += 1
+        refused = self._reply_log.take("undeliverable", time.monotonic())
+        if refused is None:
+            return
+        if err == errno.EHOSTUNREACH:
+            why = "its connection is gone"
+        else:
+            why = f"it has {self.config.max_client_unread} replies unread (--max-client-unread)"
+        log.warning("reply to client %s dropped: %s [%d more since the last such line]", _peer(client), why,
+                    refused)
+
+    def _overflow(self, client: bytes, header: bytes, size: int) -> tuple[bytes, bytes, int]:
+        """The TOO_LARGE answer that replaces a reply the client has no room for."""
+        self.router.stats.unread_overflow += 1
+        crid = _unpackb(header)[1]  # our own REPLY header
+        unread = self.unread.unread(client)
+        limit = self.config.max_client_unread_bytes
+        refused = self._reply_log.take("overflow", time.monotonic())
+        if refused is not None:
+            log.warning("reply of %d bytes to client %s replaced by TOO_LARGE: %d bytes unread "
+                        "(--max-client-unread-bytes %d) [%d more since the last such line]", size, _peer(client),
+                        unread, limit, refused)
+        text = (f"the request was served, but its reply ({size} bytes) was dropped: {unread} bytes of replies "
+                f"to this client are still unread (--max-client-unread-bytes {limit})")
+        return protocol.encode_reply(crid, protocol.STATUS_TOO_LARGE, 0, text), b"", 0
 
     # -- the loop ---------------------------------------------------------------------------
 

@@ -3,32 +3,45 @@
 Pure logic: time is passed in, nothing here sleeps or touches a socket. The queue lives here,
 beside the records it holds, so the two never import each other.
 
-Requests in a service's wait queue (``ServiceQueue``): requests that find a free worker never enter the queue, so the common path pays nothing for
-it. A queued request sits in a deque (dispatch order) and in a heap keyed by when it must be
+Requests in a service's wait queue (``ServiceQueue``): requests that find a free worker never
+enter the queue, so the common path pays nothing for it. A queued request sits in an ordered
+dict (dispatch order; removal from anywhere in O(1)) and in a heap keyed by when it must be
 looked at again (its deadline, or the end of the unknown-service grace period), so expiring
-costs O(log n) per request instead of a scan of up to ``maxlen`` entries on every tick.
-Entries leave the deque lazily: an expired request is marked and skipped when popped.
+costs O(log n) per request instead of a scan on every tick. A request answered while queued
+leaves the order at once; its heap entry is skipped when popped, and the heap is rebuilt when
+such stale entries outnumber live ones, so what a queue holds is bounded by what it has live.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections import deque
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Final
 
-from zrouter import protocol
+from zrouter import limits, protocol
 from zrouter.broker.counters import ServiceStats
 
 if TYPE_CHECKING:
     from zrouter.broker.policies.base import Policy
 
-__all__ = ["DONE", "INFLIGHT", "QUEUED", "Request", "Service", "ServiceQueue", "WorkerState"]
+__all__ = ["DONE", "INFLIGHT", "QUEUED", "ClientLoad", "Request", "Service", "ServiceQueue", "WorkerState"]
 
 # Request.state values: ints, because they are compared on every dispatch.
 QUEUED: Final = 1
 INFLIGHT: Final = 2
 DONE: Final = 3
+
+
+class ClientLoad:
+    """What one client connection has in the broker: requests accepted and not yet answered
+    (queued or held by a worker) and the sum of their payload sizes in bytes."""
+
+    __slots__ = ("bytes", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.bytes = 0
 
 
 class Request:
@@ -44,10 +57,12 @@ class Request:
         "expire_at",
         "flags",
         "key",
+        "load",
         "payload",
         "rid",
         "sent_at",
         "service",
+        "size",
         "state",
         "worker",
     )
@@ -63,6 +78,8 @@ class Request:
         key: bytes | None,
         payload: Any,
         now: float = 0.0,
+        size: int = 0,
+        load: ClientLoad | None = None,
     ) -> None:
         self.accepted_at = now  # for zrouter_request_duration_seconds
         self.queued_at = now  # last time it entered the queue, for zrouter_queue_wait_seconds
@@ -75,10 +92,12 @@ class Request:
         self.attempt = attempt
         self.flags = flags
         self.key = key
-        self.payload = payload  # kept (a zmq.Frame, not copied) so a requeue can resend it
+        self.payload = payload  # kept (a zmq.Frame, not copied) so a requeue can resend it; None once answered
         self.worker: WorkerState | None = None
         self.sent_at = 0.0
         self.state = 0
+        self.size = size  # payload bytes, counted in ``load`` until the request is answered
+        self.load = load
 
 
 class WorkerState:
@@ -93,10 +112,12 @@ class WorkerState:
         "credit",
         "declared",
         "draining",
+        "expired",
         "fd",
         "health_weight",
         "healthy",
         "heartbeat",
+        "held_bytes",
         "ident",
         "in_policy",
         "inflight",
@@ -104,6 +125,7 @@ class WorkerState:
         "key",
         "latency_ewma",
         "last_seen",
+        "max_bytes",
         "meta",
         "outstanding",
         "served",
@@ -128,6 +150,9 @@ class WorkerState:
         self.capacity = capacity  # what the worker declared (READY, UPDATE)
         self.credit = capacity  # what the broker may have outstanding at it now (slow start)
         self.outstanding = 0
+        # Payload bytes of what it holds (``expired`` included); no new work at ``max_bytes``.
+        self.held_bytes = 0
+        self.max_bytes = limits.MAX_WORKER_BYTES
         self.base_weight = weight  # what the worker declared (or Consul's Weights.Passing)
         self.health_weight: float | None = None  # Consul's say: None = no opinion / no Consul
         self.admin_weight: float | None = None  # an operator's override (PUT .../weight)
@@ -139,6 +164,9 @@ class WorkerState:
         self.draining = False
         self.healthy = True  # False while Consul says critical, maintenance or deregistered
         self.inflight: dict[int, Request] = {}
+        # Requests answered TIMEOUT at their deadline while this worker held them (rid -> payload
+        # bytes): their credits stay taken until it replies (the reply is dropped) or is lost.
+        self.expired: dict[int, int] = {}
         self.in_policy = False
         self.counted = False  # included in its service's n_routable
         self.fd = -1
@@ -162,8 +190,11 @@ class WorkerState:
         """May take new work once it has a free credit."""
         return not self.draining and self.healthy and self.weight > 0
 
+    def has_credit(self) -> bool:
+        return self.outstanding < self.credit and self.held_bytes < self.max_bytes
+
     def eligible(self) -> bool:
-        return self.outstanding < self.credit and not self.draining and self.healthy and self.weight > 0
+        return self.has_credit() and not self.draining and self.healthy and self.weight > 0
 
     def __repr__(self) -> str:
         return f"<worker {self.instance} {self.service.name} {self.outstanding}/{self.capacity}>"
@@ -189,6 +220,9 @@ class Service:
 
 
 _SEQ: Final = itertools.count()  # heap tie-breaker: requests themselves are not comparable
+# Stale heap entries (requests dispatched or answered since) a queue tolerates beyond its live
+# ones before rebuilding the heap.
+_SLACK: Final = 64
 
 
 class ServiceQueue:
@@ -196,12 +230,14 @@ class ServiceQueue:
 
     def __init__(self, maxlen: int) -> None:
         self.maxlen = maxlen
-        self._items: deque[Request] = deque()
+        self._order: OrderedDict[Request, None] = OrderedDict()
         self._timers: list[tuple[float, int, Request]] = []
-        self._live = 0
 
     def __len__(self) -> int:
-        return self._live
+        return len(self._order)
+
+    def __bool__(self) -> bool:
+        return bool(self._order)
 
     def push(self, req: Request, now: float, grace_until: float | None = None) -> bool:
         """Append a new request; False (and nothing queued) when the queue is full.
@@ -209,45 +245,44 @@ class ServiceQueue:
         ``grace_until`` is set while the service has no routable worker: the request is then
         looked at again at that time, to be answered "unavailable" if still nobody serves it.
         """
-        if self._live >= self.maxlen:
+        if len(self._order) >= self.maxlen:
             return False
         self._enqueue(req, grace_until)
-        self._items.append(req)
+        self._order[req] = None
         return True
 
     def push_front(self, req: Request, grace_until: float | None = None) -> None:
         """Requeue a request taken back from a lost worker: first in line, never refused,
         because the broker already accepted it."""
         self._enqueue(req, grace_until)
-        self._items.appendleft(req)
+        self._order[req] = None
+        self._order.move_to_end(req, last=False)
 
     def _enqueue(self, req: Request, grace_until: float | None) -> None:
         req.state = QUEUED
         req.worker = None
         at = req.deadline if grace_until is None or grace_until > req.deadline else grace_until
         req.expire_at = at
-        heapq.heappush(self._timers, (at, next(_SEQ), req))
-        self._live += 1
+        timers = self._timers
+        if len(timers) > 2 * len(self._order) + _SLACK:
+            self._compact()
+        heapq.heappush(timers, (at, next(_SEQ), req))
+
+    def _compact(self) -> None:
+        """Rebuild the heap from the live requests (each one's current timer only)."""
+        self._timers = [(r.expire_at, next(_SEQ), r) for r in self._order]
+        heapq.heapify(self._timers)
 
     def pop(self) -> Request | None:
-        """The next live request in dispatch order, or None."""
-        items = self._items
-        while items:
-            req = items.popleft()
-            if req.state == QUEUED:
-                self._live -= 1
-                req.state = DONE  # the caller dispatches or answers it now
-                return req
-        return None
+        """The next request in dispatch order, or None."""
+        if not self._order:
+            return None
+        req = self._order.popitem(last=False)[0]
+        req.state = DONE  # the caller dispatches or answers it now
+        return req
 
     def peek(self) -> Request | None:
-        items = self._items
-        while items:
-            req = items[0]
-            if req.state == QUEUED:
-                return req
-            items.popleft()
-        return None
+        return next(iter(self._order), None)
 
     def next_timer(self) -> float | None:
         """When ``expire`` next has something to do (for the poll timeout)."""
@@ -260,10 +295,12 @@ class ServiceQueue:
         """Take out the requests that must be answered now, with the status to answer.
 
         A request past its deadline gets TIMEOUT. One whose grace period ended gets UNAVAILABLE
-        if the service still has no routable worker, else waits on until its deadline.
+        if the service still has no routable worker, else waits on until its deadline. What is
+        taken out has left the queue: the caller answers it and drops its payload.
         """
         out: list[tuple[Request, int]] = []
         timers = self._timers
+        order = self._order
         while timers and timers[0][0] <= now:
             at, _, req = heapq.heappop(timers)
             if req.state != QUEUED or req.expire_at != at:
@@ -277,7 +314,7 @@ class ServiceQueue:
                 heapq.heappush(timers, (req.deadline, next(_SEQ), req))
                 continue
             req.state = DONE
-            self._live -= 1
+            del order[req]
             out.append((req, status))
         return out
 
@@ -287,18 +324,22 @@ class ServiceQueue:
         all of them are answered together if nobody comes back. O(n): rebuilds the timer heap,
         which also sheds its stale entries."""
         timers = []
-        for req in self._items:
-            if req.state == QUEUED:
-                if grace_until < req.expire_at:
-                    req.expire_at = grace_until
-                timers.append((req.expire_at, next(_SEQ), req))
+        for req in self._order:
+            if grace_until < req.expire_at:
+                req.expire_at = grace_until
+            timers.append((req.expire_at, next(_SEQ), req))
         heapq.heapify(timers)
         self._timers = timers
 
     def drain_all(self) -> list[Request]:
-        """Every live request, in order, leaving the queue empty (broker shutdown)."""
-        out = []
-        while (req := self.pop()) is not None:
-            out.append(req)
+        """Every queued request, in order, leaving the queue empty (broker shutdown)."""
+        out = list(self._order)
+        for req in out:
+            req.state = DONE
+        self._order.clear()
         self._timers.clear()
         return out
+
+    def held(self) -> int:
+        """Entries the queue's structures hold, live or stale (for tests of its bound)."""
+        return len(self._order) + len(self._timers)

@@ -25,6 +25,7 @@ from zrouter.client._brokers import DEFAULT_HEARTBEAT
 from zrouter.client._client import BaseClient
 from zrouter.client._consul_link import BrokerFeed
 from zrouter.consul import DEFAULT_BROKER_SERVICE
+from zrouter import limits
 from zrouter.errors import AuthenticationFailed, ClientClosed
 
 __all__ = ["AsyncClient"]
@@ -67,7 +68,9 @@ class AsyncClient(BaseClient):
         broker: str | Sequence[str] | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
-        max_message_size: int | None = None,
+        max_message_size: int | None = limits.MAX_MESSAGE_SIZE,
+        max_inflight: int = limits.MAX_CLIENT_REQUESTS,
+        max_inflight_bytes: int = limits.MAX_CLIENT_BYTES,
         heartbeat: float | None = DEFAULT_HEARTBEAT,
         context: zmq.Context[Any] | None = None,
         consul: str | None = None,
@@ -91,7 +94,8 @@ class AsyncClient(BaseClient):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._conn_waiters: list[asyncio.Future[None]] = []
-        self._setup(broker, timeout=timeout, max_message_size=max_message_size, heartbeat=heartbeat,
+        self._setup(broker, timeout=timeout, max_message_size=max_message_size, max_inflight=max_inflight,
+                    max_inflight_bytes=max_inflight_bytes, heartbeat=heartbeat,
                     context=context, consul=consul, feed=feed, curve_server_key=curve_server_key,
                     curve_secret_key=curve_secret_key)
         self._core.on_connection_change = self._connection_changed

@@ -14,6 +14,8 @@ from typing import Any, Final
 
 import zmq
 
+from zrouter import limits
+from zrouter.protocol import MAX_HEADER_SIZE
 from zrouter.curve import EVENT_HANDSHAKE_FAILED, ClientKeys, HandshakeWatch, apply_client, parse_event
 
 __all__ = [
@@ -44,15 +46,28 @@ SocketFactory = Callable[[str], tuple[Any, Any]]
 
 
 def open_broker_sockets(
-    ctx: zmq.Context[Any], endpoint: str, heartbeat: float | None, curve: ClientKeys | None = None
+    ctx: zmq.Context[Any],
+    endpoint: str,
+    heartbeat: float | None,
+    curve: ClientKeys | None = None,
+    max_message_size: int | None = limits.MAX_MESSAGE_SIZE,
 ) -> tuple[Any, Any]:
     """A DEALER connected to ``endpoint`` (a CURVE client with ``curve``) and the PAIR socket
-    receiving its monitor events."""
+    receiving its monitor events.
+
+    ``max_message_size`` (bytes, None: no limit) sets ZMQ_MAXMSGSIZE, never below the shared
+    default (zrouter.limits.MAX_MESSAGE_SIZE): a frame larger than that from a broker makes
+    libzmq drop the connection before it is in memory, while a reply between a lower
+    ``max_message_size`` and the default still fails only its own request (MessageTooLarge).
+    """
     sock = ctx.socket(zmq.DEALER)
     try:
         sock.setsockopt(zmq.LINGER, 0)
         if curve is not None:
             apply_client(sock, curve)
+        if max_message_size is not None:
+            max_message_size = max(max_message_size, limits.MAX_MESSAGE_SIZE)
+        sock.setsockopt(zmq.MAXMSGSIZE, limits.socket_max_message_size(max_message_size, MAX_HEADER_SIZE))
         # Without IMMEDIATE a DEALER queues messages for a peer that is not connected yet, so
         # a request could sit unseen in a dead broker's pipe instead of going to a live one.
         sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -95,8 +110,8 @@ def normalize_brokers(broker: str | Iterable[str]) -> list[str]:
 class BrokerConn:
     """One broker endpoint: its DEALER, the monitor that tells when it is up, and its load."""
 
-    __slots__ = ("closed", "endpoint", "monitor", "pending", "refused", "refused_at", "removed", "sock", "up",
-                 "watch")
+    __slots__ = ("closed", "endpoint", "monitor", "pending", "pending_bytes", "refused", "refused_at", "removed",
+                 "sock", "up", "watch")
 
     def __init__(self, endpoint: str, sock: Any, monitor: Any) -> None:
         self.endpoint = endpoint
@@ -106,7 +121,10 @@ class BrokerConn:
         self.refused: str | None = None  # why the broker refused the last handshake (until one succeeds)
         self.refused_at = 0.0
         self.watch = HandshakeWatch()
-        self.pending = 0  # requests sent on this connection and not yet settled
+        # Requests sent on this connection that the broker may still hold (not answered yet,
+        # or given up on here but not yet answered there), and the sum of their payload sizes.
+        self.pending = 0
+        self.pending_bytes = 0
         self.removed = False  # removed: no new requests, closed once pending drains
         self.closed = False
 
@@ -119,7 +137,13 @@ ConnHook = Callable[[BrokerConn, float], None]
 
 
 class BrokerSet:
-    """Connections by endpoint; ``up`` lists the active connected ones, where requests go."""
+    """Connections by endpoint; ``up`` lists the active connected ones, where requests go.
+
+    A connection takes a request only while it has room within the broker's per-client bounds
+    (``max_inflight`` requests, ``max_inflight_bytes`` of payload: zrouter.limits, the
+    broker's --max-client-requests and --max-client-bytes), so the broker never has to refuse
+    one of ours as overloaded.
+    """
 
     def __init__(
         self,
@@ -128,7 +152,11 @@ class BrokerSet:
         on_down: ConnHook,
         watch: Callable[[Any], None] | None = None,
         unwatch: Callable[[Any], None] | None = None,
+        max_inflight: int = limits.MAX_CLIENT_REQUESTS,
+        max_inflight_bytes: int = limits.MAX_CLIENT_BYTES,
     ) -> None:
+        self.max_inflight = max_inflight
+        self.max_inflight_bytes = max_inflight_bytes
         self._connect = connect
         self._on_up = on_up
         self._on_down = on_down
@@ -190,25 +218,36 @@ class BrokerSet:
     def _rebuild_up(self) -> None:
         self.up = [c for c in self.conns.values() if c.up]
 
-    def pick(self) -> BrokerConn | None:
-        """The connected broker with the fewest pending requests (ties: round-robin)."""
+    def pick(self, size: int = 0) -> BrokerConn | None:
+        """The connected broker with the fewest pending requests (ties: round-robin) among
+        those with room for one more request of ``size`` payload bytes; None if none has."""
         up = self.up
         n = len(up)
         if n == 1:
-            return up[0]
+            conn = up[0]
+            return conn if self.has_room(conn, size) else None
         if n == 0:
             return None
         start = self._rr = (self._rr + 1) % n  # a rotating start makes ties go round-robin
-        best = up[start]
-        for i in range(1, n):
+        best: BrokerConn | None = None
+        for i in range(n):
             conn = up[(start + i) % n]
-            if conn.pending < best.pending:
+            if (best is None or conn.pending < best.pending) and self.has_room(conn, size):
                 best = conn
         return best
 
-    def release(self, conn: BrokerConn) -> None:
+    def has_room(self, conn: BrokerConn, size: int) -> bool:
+        return conn.pending < self.max_inflight and conn.pending_bytes + size <= self.max_inflight_bytes
+
+    def take(self, conn: BrokerConn, size: int) -> None:
+        """A request of ``size`` payload bytes was sent on ``conn``."""
+        conn.pending += 1
+        conn.pending_bytes += size
+
+    def release(self, conn: BrokerConn, size: int = 0) -> None:
         """A request sent on ``conn`` settled (or moved elsewhere)."""
         conn.pending -= 1
+        conn.pending_bytes -= size
         if conn.removed and not conn.pending:
             self._retire.append(conn)  # closed by retire_idle(), never mid-read
 

@@ -37,6 +37,8 @@ class BaseClient:
         *,
         timeout: float,
         max_message_size: int | None,
+        max_inflight: int,
+        max_inflight_bytes: int,
         heartbeat: float | None,
         context: zmq.Context[Any] | None,
         consul: str | None,
@@ -53,19 +55,22 @@ class BaseClient:
             ctx = zmq.Context.shadow(ctx.underlying)
         self._ctx: zmq.Context[Any] = ctx
         self._heartbeat = heartbeat
+        self._max_message_size = max_message_size
         self._feed = feed
         self._core = ClientCore(
             endpoints,
             self._open,
             timeout=timeout,
             max_message_size=max_message_size,
+            max_inflight=max_inflight,
+            max_inflight_bytes=max_inflight_bytes,
             watch=self._watch,
             unwatch=self._unwatch,
         )
         self._core.on_connection_change = self._connection_changed
 
     def _open(self, endpoint: str) -> tuple[Any, Any]:
-        return open_broker_sockets(self._ctx, endpoint, self._heartbeat, self._curve)
+        return open_broker_sockets(self._ctx, endpoint, self._heartbeat, self._curve, self._max_message_size)
 
     # -- refused handshakes (CURVE) ----------------------------------------------------------
 

@@ -8,7 +8,12 @@ here, so both behave the same and the logic can be tested without sockets or sle
 - turning a reply's frames into a value or an exception and settling its entry;
 - expiring entries whose deadline passed;
 - what happens to requests when a broker's connection drops (idempotent ones are re-sent to
-  another broker, the others fail), and a queue of requests waiting for any broker.
+  another broker, the others fail), and a queue of requests waiting for any broker;
+- keeping within the broker's per-client bounds (zrouter.limits): a connection takes a request
+  only while it has fewer than ``max_inflight`` requests and ``max_inflight_bytes`` of payload
+  there; the rest wait here, in order. A request given up on here (deadline, cancel) keeps its
+  place until the broker answers it too (it always does, by the deadline), so our count never
+  drops below the broker's.
 
 The broker connections themselves (sockets, up/down state, picking one) are in ``_brokers.py``.
 Every method takes ``now`` (a ``time.monotonic()`` value; asyncio's ``loop.time()`` is the
@@ -18,6 +23,7 @@ same clock) instead of reading a clock, so tests can drive time by hand.
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from heapq import heapify, heappop, heappush
@@ -25,6 +31,7 @@ from typing import Any, Final
 
 import zmq
 
+from zrouter import limits
 from zrouter.client._brokers import BrokerConn, BrokerSet, SocketFactory
 from zrouter.errors import ClientClosed, MessageTooLarge, ProtocolError, RequestTimeout, WorkerLost
 from zrouter.protocol import (
@@ -51,6 +58,10 @@ DEFAULT_TIMEOUT: Final = 10.0
 # While requests wait for a broker that is "up" but refused the send (its disconnect event is
 # still in flight), look again after this long instead of waiting for an event that already came.
 _RESEND_RETRY: Final = 0.05
+# A request given up on here keeps its place in the broker's bounds until the broker answers it
+# (by its deadline); if that answer never comes (a broker that does not answer what its workers
+# hold), the place is freed this long after the deadline.
+_HOLD_GRACE: Final = 2.0
 
 _EVENTS: Final = int(zmq.EVENTS)
 _POLLIN: Final = int(zmq.POLLIN)
@@ -71,6 +82,7 @@ class Entry:
         "payload",
         "rid",
         "service",
+        "size",
         "timeout",
     )
 
@@ -84,6 +96,7 @@ class Entry:
 
     def __init__(self) -> None:
         self.attempt = 0
+        self.size = 0  # payload bytes
         self.conn: BrokerConn | None = None
         self._done = False
         self._value: Any = None
@@ -115,7 +128,9 @@ class ClientCore:
         connect: SocketFactory,
         *,
         timeout: float = DEFAULT_TIMEOUT,
-        max_message_size: int | None = None,
+        max_message_size: int | None = limits.MAX_MESSAGE_SIZE,
+        max_inflight: int = limits.MAX_CLIENT_REQUESTS,
+        max_inflight_bytes: int = limits.MAX_CLIENT_BYTES,
         watch: Callable[[Any], None] | None = None,
         unwatch: Callable[[Any], None] | None = None,
     ) -> None:
@@ -123,8 +138,15 @@ class ClientCore:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         if max_message_size is not None and max_message_size <= 0:
             raise ValueError(f"max_message_size must be > 0 or None, got {max_message_size!r}")
+        if max_inflight < 1 or max_inflight_bytes < 1:
+            raise ValueError(f"max_inflight and max_inflight_bytes must be >= 1, got {max_inflight!r}, "
+                             f"{max_inflight_bytes!r}")
         self.timeout = float(timeout)
         self.max_message_size = max_message_size
+        # rid -> (connection, payload bytes, when to stop waiting): given up on here, not yet
+        # answered by the broker, so still counted in its bounds.
+        self._held: dict[int, tuple[BrokerConn, int, float]] = {}
+        self._held_next = math.inf
         self.pending: dict[int, Entry] = {}
         # (deadline, rid, entry); settled entries are left in place and skipped when popped, and
         # the heap is rebuilt when they outnumber live ones (see _compact).
@@ -134,7 +156,8 @@ class ClientCore:
         self.closed = False
         # Called after a broker connection comes up or drops (AsyncClient wakes its waiters).
         self.on_connection_change: Callable[[], None] | None = None
-        self._brokers = BrokerSet(connect, self._broker_up, self._broker_down, watch, unwatch)
+        self._brokers = BrokerSet(connect, self._broker_up, self._broker_down, watch, unwatch,
+                                  max_inflight, max_inflight_bytes)
         try:
             self._brokers.set(brokers)
         except BaseException:  # e.g. a malformed endpoint: do not leak the sockets made so far
@@ -195,10 +218,12 @@ class ClientCore:
     def _broker_down(self, conn: BrokerConn, now: float) -> None:
         # With IMMEDIATE the pipe (and anything still queued in it) is gone, and whatever the
         # broker held for us is unroutable: our next connection gets a new routing id.
+        for rid in [rid for rid, held in self._held.items() if held[0] is conn]:
+            self._brokers.release(conn, self._held.pop(rid)[1])  # that answer will never come
         lost = [e for e in self.pending.values() if e.conn is conn]
         for entry in lost:
             entry.conn = None
-            self._brokers.release(conn)
+            self._brokers.release(conn, entry.size)
             if entry.flags & FLAG_IDEMPOTENT:
                 entry.attempt += 1
                 self._send(entry, now)
@@ -234,11 +259,13 @@ class ClientCore:
         elif not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         flags, frame = encode_payload(payload)
+        size = frame.nbytes if type(frame) is memoryview else len(frame)
         limit = self.max_message_size
-        if limit is not None:
-            size = frame.nbytes if type(frame) is memoryview else len(frame)
-            if size > limit:
-                raise MessageTooLarge(f"request payload is {size} bytes, over the {limit}-byte limit")
+        if limit is not None and size > limit:
+            raise MessageTooLarge(f"request payload is {size} bytes, over the {limit}-byte limit")
+        if size > self._brokers.max_inflight_bytes:
+            raise MessageTooLarge(f"request payload is {size} bytes, over max_inflight_bytes "
+                                  f"({self._brokers.max_inflight_bytes}): no broker would accept it")
         if idempotent:
             flags |= FLAG_IDEMPOTENT
         rid = self._next_rid
@@ -248,6 +275,7 @@ class ClientCore:
         entry.flags = flags
         entry.key = key
         entry.payload = frame
+        entry.size = size
         entry.timeout = timeout
         deadline = entry.deadline = now + timeout
         self.pending[rid] = entry
@@ -259,20 +287,31 @@ class ClientCore:
         if not self._brokers.up and self._brokers.conns:
             # The handshake may have completed since anyone last read the monitors.
             self._brokers.read_monitors(now)
+        if self._waiting:
+            self._waiting.append(entry)  # behind those waiting for room: in order
+            return None
         return self._send(entry, now)
 
     def _send(self, entry: Entry, now: float) -> BrokerConn | None:
-        conn = self._brokers.pick()
+        """Send ``entry`` now, or queue it here (no broker up, or none with room)."""
+        conn = self._try_send(entry, now)
         if conn is None:
             self._waiting.append(entry)
+        return conn
+
+    def _try_send(self, entry: Entry, now: float) -> BrokerConn | None:
+        brokers = self._brokers
+        size = entry.size
+        conn = brokers.pick(size)
+        if conn is None:
             return None
         frames = request_frames(entry, now)
         try:
             send_frames(conn.sock, frames, NOBLOCK)
         except zmq.Again:
             # Disconnected a moment ago (its event is on the way): try the others.
-            for other in self._brokers.up:
-                if other is conn:
+            for other in brokers.up:
+                if other is conn or not brokers.has_room(other, size):
                     continue
                 try:
                     send_frames(other.sock, frames, NOBLOCK)
@@ -281,24 +320,51 @@ class ClientCore:
                 conn = other
                 break
             else:
-                self._waiting.append(entry)
                 return None
         entry.conn = conn
-        conn.pending += 1
+        brokers.take(conn, size)
         return conn
 
     def cancel(self, entry: Entry) -> None:
         """Forget ``entry`` (its waiter gave up); a reply that still comes is dropped."""
         if not entry._done:
-            self._finish(entry, None, None)
+            self._finish(entry, None, None, hold=True)
 
-    def _finish(self, entry: Entry, value: Any, error: BaseException | None) -> None:
+    def _finish(self, entry: Entry, value: Any, error: BaseException | None, hold: bool = False) -> None:
+        """Settle ``entry``. ``hold``: the broker has not answered it yet, so its place in the
+        broker's bounds stays taken until it does (or ``_HOLD_GRACE`` after the deadline)."""
         self.pending.pop(entry.rid, None)
         conn = entry.conn
         if conn is not None:
             entry.conn = None
-            self._brokers.release(conn)
+            if hold:
+                until = entry.deadline + _HOLD_GRACE
+                self._held[entry.rid] = (conn, entry.size, until)
+                if until < self._held_next:
+                    self._held_next = until
+            else:
+                self._brokers.release(conn, entry.size)
         entry._settle(value, error)
+
+    def _unhold(self, rid: int) -> bool:
+        """The broker answered a request given up on here: free its place. False if unknown."""
+        held = self._held.pop(rid, None)
+        if held is None:
+            return False
+        self._brokers.release(held[0], held[1])
+        return True
+
+    def _release_held(self, now: float) -> None:
+        """Free the places of requests the broker never answered, ``_HOLD_GRACE`` past their
+        deadline."""
+        soonest = math.inf
+        for rid, (conn, size, until) in list(self._held.items()):
+            if until <= now:
+                del self._held[rid]
+                self._brokers.release(conn, size)
+            elif until < soonest:
+                soonest = until
+        self._held_next = soonest
 
     def handle_reply(self, frames: Sequence[zmq.Frame]) -> None:
         """Settle the entry a reply is for; drop what cannot be matched to a request."""
@@ -309,11 +375,17 @@ class ClientCore:
             if exc.kind == "field" and exc.rid in self.pending:
                 # That request's reply is broken: fail it with the public error type.
                 self._finish(self.pending[exc.rid], None, ProtocolError(f"malformed reply: {exc}"))
+            elif exc.kind == "field" and self._unhold(exc.rid):
+                pass  # a broken answer to a request given up on here: it frees its place all the same
             else:
                 log.warning("dropping a message that is not a valid REPLY: %s", exc)
             return
         entry = self.pending.pop(reply.rid, None)
         if entry is None:
+            if self._unhold(reply.rid):
+                # The broker's answer to a request given up on here: its place is free again.
+                log.debug("dropping reply for unknown request id %d (late or duplicate)", reply.rid)
+                return
             if reply.rid == 0:
                 # The broker could not read some request of ours (docs/protocol.md: rid 0).
                 log.warning("the broker refused a request it could not read: %s", reply.message)
@@ -324,7 +396,7 @@ class ClientCore:
         conn = entry.conn
         if conn is not None:
             entry.conn = None
-            self._brokers.release(conn)
+            self._brokers.release(conn, entry.size)
         try:
             if reply.status != STATUS_OK:
                 entry._settle(None, error_for_status(reply.status, reply.message, reply.error_type))
@@ -348,7 +420,7 @@ class ClientCore:
             entry = heappop(heap)[2]
             if not entry._done:
                 msg = f"no reply from {entry.service!r} within {entry.timeout:g} s"
-                self._finish(entry, None, RequestTimeout(msg))
+                self._finish(entry, None, RequestTimeout(msg), hold=True)
 
     def _compact(self) -> None:
         self._deadlines = [(e.deadline, e.rid, e) for e in self.pending.values()]
@@ -360,20 +432,26 @@ class ClientCore:
         while heap and heap[0][2]._done:
             heappop(heap)
         at = heap[0][0] if heap else None
-        if self._waiting and self._brokers.up:
-            retry = now + _RESEND_RETRY
+        if self._held and (at is None or self._held_next < at):
+            at = self._held_next
+        waiting = self._waiting
+        if waiting and self._brokers.up and self._brokers.pick(waiting[0].size) is not None:
+            retry = now + _RESEND_RETRY  # room but the send was refused: a disconnect is on its way
             if at is None or retry < at:
                 at = retry
         return at
 
     def _flush(self, now: float) -> None:
-        if not self._waiting or not self._brokers.up:
-            return
+        """Send what waits here, in order, while a connection has room for the next one."""
         waiting = self._waiting
-        self._waiting = deque()
-        for entry in waiting:
-            if not entry._done:
-                self._send(entry, now)
+        while waiting and self._brokers.up:
+            entry = waiting[0]
+            if entry._done:
+                waiting.popleft()
+                continue
+            if self._try_send(entry, now) is None:
+                return
+            waiting.popleft()
 
     # -- input --------------------------------------------------------------------------------
 
@@ -423,6 +501,8 @@ class ClientCore:
         heap = self._deadlines
         if heap and heap[0][0] <= now:
             self.expire(now)
+        if self._held and now >= self._held_next:
+            self._release_held(now)
         if self._waiting and self._brokers.up:
             self._flush(now)
         self._brokers.retire_idle()
@@ -436,6 +516,7 @@ class ClientCore:
         self.pending.clear()
         self._deadlines.clear()
         self._waiting.clear()
+        self._held.clear()
         for entry in entries:
             entry.conn = None
             entry._settle(None, ClientClosed("client closed before the reply arrived"))

@@ -20,6 +20,7 @@ from zrouter.client._brokers import DEFAULT_HEARTBEAT
 from zrouter.client._client import BaseClient
 from zrouter.client._consul_link import BrokerFeed
 from zrouter.consul import DEFAULT_BROKER_SERVICE
+from zrouter import limits
 from zrouter.errors import AuthenticationFailed, ClientClosed
 
 __all__ = ["Client", "PendingReply"]
@@ -85,7 +86,9 @@ class Client(BaseClient):
         broker: str | Sequence[str] | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
-        max_message_size: int | None = None,
+        max_message_size: int | None = limits.MAX_MESSAGE_SIZE,
+        max_inflight: int = limits.MAX_CLIENT_REQUESTS,
+        max_inflight_bytes: int = limits.MAX_CLIENT_BYTES,
         heartbeat: float | None = DEFAULT_HEARTBEAT,
         context: zmq.Context[Any] | None = None,
         consul: str | None = None,
@@ -98,8 +101,12 @@ class Client(BaseClient):
         (default tcp://127.0.0.1:5555).
 
         ``timeout`` is the default per-request deadline in seconds; ``max_message_size`` caps
-        request and reply payloads (MessageTooLarge); ``heartbeat`` is the ZMTP ping interval
-        that detects a silent broker (None: off); ``context`` defaults to the shared one.
+        request and reply payloads in bytes (MessageTooLarge; None: no cap of our own);
+        ``max_inflight`` and ``max_inflight_bytes`` are the most requests, and payload bytes,
+        this client sends one broker before it has their replies: keep them within the broker's
+        --max-client-requests and --max-client-bytes (the defaults match, zrouter.limits);
+        more wait here, in order, and go out as replies come in. ``heartbeat`` is the ZMTP ping
+        interval that detects a silent broker (None: off); ``context`` defaults to the shared one.
 
         ``consul`` (``"host:port"`` of a Consul agent), instead of ``broker``, finds the brokers
         registered there under ``broker_service`` and follows them as they come and go;
@@ -115,7 +122,8 @@ class Client(BaseClient):
         if consul:
             feed = BrokerFeed(service=broker_service, consul=consul, token=consul_token, wake_fd=True)
         self._poller = zmq.Poller()
-        self._setup(broker, timeout=timeout, max_message_size=max_message_size, heartbeat=heartbeat,
+        self._setup(broker, timeout=timeout, max_message_size=max_message_size, max_inflight=max_inflight,
+                    max_inflight_bytes=max_inflight_bytes, heartbeat=heartbeat,
                     context=context, consul=consul, feed=feed, curve_server_key=curve_server_key,
                     curve_secret_key=curve_secret_key)
         if feed is not None:

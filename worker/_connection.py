@@ -36,8 +36,9 @@ from typing import Any, Final
 
 import zmq
 
+from zrouter import limits
 from zrouter.curve import EVENT_HANDSHAKE_FAILED, EVENT_HANDSHAKE_SUCCEEDED, ClientKeys, HandshakeWatch, apply_client, parse_event
-from zrouter.protocol import SIGNATURE, encode_heartbeat
+from zrouter.protocol import MAX_HEADER_SIZE, SIGNATURE, STATUS_REMOTE_ERROR, decode_reply, encode_heartbeat, encode_reply
 from zrouter.transport import NOBLOCK
 # Compiled when built, else zrouter.transport's.
 from zrouter._speedups import send_frames
@@ -100,6 +101,7 @@ class BrokerConnection:
         "generation",
         "last_recv",
         "last_send",
+        "max_message_size",
         "monitor",
         "order",
         "owed",
@@ -113,8 +115,12 @@ class BrokerConnection:
         "watch",
     )
 
-    def __init__(self, endpoint: str, order: int) -> None:
+    def __init__(self, endpoint: str, order: int, max_message_size: int = limits.MAX_MESSAGE_SIZE) -> None:
         self.endpoint = endpoint
+        # Largest payload frame either way (zrouter.limits; the broker's --max-message-size):
+        # a larger request frame makes libzmq drop the connection before it is read, and a
+        # larger reply is not sent (REMOTE_ERROR "MessageTooLarge" instead).
+        self.max_message_size = max_message_size
         self.order = order  # position in the broker list: who gets the larger share
         self.sock: zmq.Socket[Any] | None = None
         self.monitor: zmq.Socket[Any] | None = None  # with CURVE: handshake failures
@@ -145,6 +151,7 @@ class BrokerConnection:
         ``curve`` the socket is a CURVE client and :attr:`monitor` reports its handshakes."""
         sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, limits.socket_max_message_size(self.max_message_size, MAX_HEADER_SIZE))
         self.refused = None
         if curve is not None:
             apply_client(sock, curve)
@@ -212,6 +219,15 @@ class BrokerConnection:
         sock = self.sock
         if sock is None:
             return
+        if len(payload) > self.max_message_size:
+            # The broker would drop our connection for it (its ZMQ_MAXMSGSIZE), and everything
+            # we hold with it: answer this one request with the reason instead.
+            size = len(payload)
+            log.warning("reply of %d bytes is over the %d-byte limit: sent as an error", size, self.max_message_size)
+            header = encode_reply(decode_reply(header).rid, STATUS_REMOTE_ERROR, 0,
+                                  f"the handler's reply is {size} bytes, over the {self.max_message_size}-byte limit",
+                                  "MessageTooLarge")
+            payload = b""
         try:
             send_frames(sock, (SIGNATURE, header, payload), NOBLOCK)
         except zmq.Again:

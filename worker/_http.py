@@ -92,43 +92,44 @@ class HandlerMetrics(Collector):
                     self._error_types.add(name)
         rec.errors[name] = rec.errors.get(name, 0) + 1
 
+    def _finished(self, rec: _Recorder, t0: float) -> None:
+        d = perf_counter() - t0
+        rec.buckets[bisect_left(BOUNDS, d)] += 1
+        rec.sum += d
+        rec.finished += 1
+
     def wrap(self, handler: Callable[[Any], Any], is_async: bool) -> Callable[[Any], Any]:
         """``handler`` timed and counted (a coroutine function stays one)."""
         local = self._local
+        recorder, error, finished = self._recorder, self._error, self._finished
 
         if is_async:
             async def timed_async(payload: Any) -> Any:
-                rec = getattr(local, "rec", None) or self._recorder()
+                rec = getattr(local, "rec", None) or recorder()
                 rec.started += 1
                 t0 = perf_counter()
                 try:
                     return await handler(payload)
                 except BaseException as exc:
-                    self._error(rec, exc)
+                    error(rec, exc)
                     raise
                 finally:
-                    d = perf_counter() - t0
-                    rec.buckets[bisect_left(BOUNDS, d)] += 1
-                    rec.sum += d
-                    rec.finished += 1
+                    finished(rec, t0)
 
             assert inspect.iscoroutinefunction(timed_async)
             return functools.wraps(handler)(timed_async)
 
         def timed(payload: Any) -> Any:
-            rec = getattr(local, "rec", None) or self._recorder()
+            rec = getattr(local, "rec", None) or recorder()
             rec.started += 1
             t0 = perf_counter()
             try:
                 return handler(payload)
             except BaseException as exc:
-                self._error(rec, exc)
+                error(rec, exc)
                 raise
             finally:
-                d = perf_counter() - t0
-                rec.buckets[bisect_left(BOUNDS, d)] += 1
-                rec.sum += d
-                rec.finished += 1
+                finished(rec, t0)
 
         return functools.wraps(handler)(timed)
 

@@ -117,3 +117,23 @@ def test_received_frames_are_views_not_copies(ctx: zmq.Context[Any]) -> None:
     del part  # the view keeps the message alive
     assert bytes(view) == payload and view.readonly
     assert type(native.recv_frames).__name__ == "cython_function_or_method"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_tracked_frame_is_released_only_once_sent(ctx: zmq.Context[Any], impl: Any) -> None:
+    """The broker counts a client's unread reply bytes with tracked frames: the tracker must
+    follow the very message libzmq sends (not a copy made on the way)."""
+    router, dealer = _pair(ctx)
+    impl.send_frames(dealer, [b"hello"])
+    ident = impl.recv_frames(router)[0].bytes
+    frame = zmq.Frame(b"r" * 1000, copy=False, track=True)
+    impl.send_frames(router, (ident, b"ZRT1", frame), NOBLOCK)
+    tracker = frame.tracker
+    del frame
+    # inproc: the message waits in the pipe, unread, so libzmq holds it (a copy sent in its
+    # place would let the tracker finish as soon as pyzmq's garbage thread frees the frame)
+    with pytest.raises(zmq.NotDone):
+        tracker.wait(0.3)
+    assert [f.bytes for f in impl.recv_frames(dealer)] == [b"ZRT1", b"r" * 1000]
+    tracker.wait(5)
+    assert tracker.done

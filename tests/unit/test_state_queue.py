@@ -92,3 +92,22 @@ def test_drain_all_empties_in_order() -> None:
         q.push(_req(svc, i), 0.0)
     assert [r.crid for r in q.drain_all()] == [0, 1, 2]
     assert len(q) == 0 and q.next_timer() is None
+
+
+def test_expired_requests_leave_the_order_at_once() -> None:
+    svc = _svc()
+    q = svc.queue
+    q.push(_req(svc, 1, deadline=1.0), 0.0)
+    q.push(_req(svc, 2, deadline=5.0), 0.0)
+    q.expire(1.0, unavailable=False)
+    assert len(q) == 1 and q.held() == 2  # one in order, one timer: nothing of request 1
+    assert q.peek().crid == 2  # type: ignore[union-attr]
+
+
+def test_timers_of_dispatched_requests_stay_bounded_by_the_live_ones() -> None:
+    svc = Service("svc", make_policy("round-robin"), ServiceQueue(10), 0.0)
+    q = svc.queue
+    for i in range(10_000):
+        q.push(_req(svc, i, deadline=86_400.0), 0.0)  # deadlines far off: never popped by time
+        q.pop()
+    assert q.held() <= 64 + 2

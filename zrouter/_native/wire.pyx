@@ -7,7 +7,9 @@ same arguments, same exceptions (``zmq.Again`` under NOBLOCK, ``zmq.ZMQError`` o
 frames (:class:`Part`) that behave like the ``zmq.Frame`` objects the Python path hands out as
 far as zrouter uses them: ``len()``, the buffer protocol (zero copy), ``.bytes``, ``.buffer``,
 ``.more`` and ``.get(zmq.SRCFD)``. A received Part sent on is passed by reference
-(``zmq_msg_copy`` shares a long message's data), so the broker never copies a payload.
+(``zmq_msg_copy`` shares a long message's data), so the broker never copies a payload. A
+``zmq.Frame`` is handed to pyzmq's send as it is (a tracked frame's MessageTracker must see
+libzmq release that very message).
 
 Which libzmq: pyzmq's wheel ships its own under a name that changes with each build, and the
 pyzmq that pip's isolated build environment sees need not be the one installed. So nothing is
@@ -113,6 +115,7 @@ _resolve()
 _Again = zmq.Again
 _ZMQError = zmq.ZMQError
 _Socket = zmq.Socket
+_Frame = zmq.Frame
 from zrouter import _wire as _pure_wire
 from zrouter import transport as _transport
 
@@ -235,6 +238,12 @@ cdef int _send_one(void *h, object sock, object frame, int flags) except -1:
             raise MemoryError()
         memcpy(zr.msg_data(&msg), PyBytes_AS_STRING(frame), n)
     else:
+        if isinstance(frame, _Frame):  # pyzmq's own (maybe tracked: its tracker must see libzmq let go)
+            try:
+                sock.send(frame, flags, copy=False)
+            except _ZMQError as exc:
+                return exc.errno
+            return 0
         PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE)
         n = view.len
         try:
