@@ -28,7 +28,7 @@ _CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: --watch redraws in place
 
 def _base(url: str) -> str:
     url = url if "://" in url else f"http://{url}"
-    return url.rstrip("/")
+    return url.rstrip("/").removesuffix("/status")  # the /status address itself works too
 
 
 def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:

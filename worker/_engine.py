@@ -291,7 +291,7 @@ class Engine:
             else:
                 log.info("broker %s sent DRAIN unasked: ignored", conn.endpoint)
         elif kind is Disconnect:
-            self._on_disconnect(conn, now)
+            self._on_disconnect(conn, now, msg.reason)  # type: ignore[union-attr]
             return True
         return False
 
@@ -484,12 +484,14 @@ class Engine:
         if conn in self.conns:
             self.conns.remove(conn)
 
-    def _on_disconnect(self, conn: BrokerConnection, now: float) -> None:
+    def _on_disconnect(self, conn: BrokerConnection, now: float, reason: str | None = None) -> None:
+        # The reason is the broker's (bounded by the decoder); a refused READY says why here.
+        why = f": {reason}" if reason else ""
         if conn.state == DRAINING or conn.removed:
-            log.info("broker %s dropped us while draining", conn.endpoint)
+            log.info("broker %s dropped us while draining%s", conn.endpoint, why)
             self._remove(conn)
         else:
-            log.info("broker %s does not know us (DISCONNECT): registering again", conn.endpoint)
+            log.warning("broker %s sent DISCONNECT%s; registering again on a new connection", conn.endpoint, why)
             self._close(conn, 0)
             conn.schedule_reconnect(now)
             self._rebalance(now)

@@ -47,6 +47,10 @@ def load_handler(spec: str) -> Callable[[Any], Any]:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"handler must look like module:function, got {spec!r}")
+    # Like `python -m` (and gunicorn, uvicorn): a handler module beside you is found, which a
+    # console script's sys.path would not do on its own.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     obj: Any = importlib.import_module(module_name)
     for part in attr.split("."):
         obj = getattr(obj, part)

@@ -298,3 +298,15 @@ def test_the_worker_reads_broker_messages_with_the_protocol_decoders() -> None:
         assert (info.value.kind, info.value.rid) == (kind, rid)
     with pytest.raises(p.UnknownCommand):
         _decode(frames(p.SIGNATURE, msgpack.packb([0x7F])))
+
+
+def test_load_handler_finds_a_module_in_the_current_directory(tmp_path: Any, monkeypatch: Any) -> None:
+    # A console script's sys.path has neither "" nor the current directory: the CLI adds it, as
+    # `python -m` would, so `zrouter-worker myhandlers:resize` finds ./myhandlers.py.
+    import sys
+
+    (tmp_path / "zr_cwd_handlers.py").write_text("def resize(payload):\n    return payload\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    handler = load_handler("zr_cwd_handlers:resize")
+    assert handler(b"x") == b"x"
