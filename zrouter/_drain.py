@@ -30,13 +30,7 @@ def drain_requests(sock: zmq.Socket[Any], batch: int, max_size: int, request: Ca
     flags, key, payload, now)`` is what a valid REQUEST (payload within ``max_size``, ``key``
     bytes or None) leads to; None: every message needs ``other`` (the compiled twin then sends
     them all there too). Returns True when ``batch`` messages were read (more may wait)."""
-    for _ in range(batch):
-        try:
-            frames = recv_frames(sock, NOBLOCK)
-        except zmq.Again:
-            return False
-        other(frames, now)
-    return True
+    return _to_other(sock, batch, other, now)
 
 
 def drain_replies(sock: zmq.Socket[Any], batch: int, reply: Callable[..., None], other: Other, failed: Failed,
@@ -44,6 +38,11 @@ def drain_replies(sock: zmq.Socket[Any], batch: int, reply: Callable[..., None],
     """Worker messages from the back end. ``reply(worker, rid, status, flags, message,
     error_type, payload, now)`` is what a valid REPLY leads to. Returns True when ``batch``
     messages were read (more may wait)."""
+    return _to_other(sock, batch, other, now)
+
+
+def _to_other(sock: zmq.Socket[Any], batch: int, other: Other, now: float) -> bool:
+    """The pure path's one loop: every message to ``other`` (the broker's Python handlers)."""
     for _ in range(batch):
         try:
             frames = recv_frames(sock, NOBLOCK)
