@@ -77,12 +77,12 @@ def _decode(frames: list[zmq.Frame]) -> BrokerMessage:
     else, or a REQUEST that fails that check, takes the general path."""
     if len(frames) == 3 and frames[0].bytes == SIGNATURE:
         try:
-            return decode_request(frames[1].buffer)
+            return decode_request(frames[1])  # the frame itself: no memoryview per request
         except BadMessage as exc:
             if exc.kind != "wrong_command":  # a REQUEST, but a bad one: the error says why
                 raise
     check_frames(frames, 0)
-    msg = decode_broker_message(frames[1].buffer)
+    msg = decode_broker_message(frames[1])
     check_payload_count(msg, frames, 0)
     return msg
 

@@ -290,6 +290,8 @@ def encode_reply(
 ) -> bytes:
     """A REPLY header. ``message`` and ``error_type`` are cut to MAX_TEXT_LEN so that what we
     send always passes the receiver's decoder."""
+    if message is None and error_type is None:  # every OK reply: nothing to cut
+        return _packb((REPLY, rid, status, flags, None, None))
     return _packb((REPLY, rid, status, flags, clip_text(message), clip_text(error_type)))
 
 

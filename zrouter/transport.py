@@ -19,10 +19,11 @@ NOBLOCK: Final = int(zmq.NOBLOCK)
 
 def recv_frames(sock: zmq.Socket[Any], flags: int = 0) -> list[zmq.Frame]:
     """One whole multipart message as frames (no copies). Raises zmq.Again under NOBLOCK."""
-    frame = sock.recv(flags, copy=False)
+    recv = sock.recv  # positional arguments: pyzmq parses keywords on every call
+    frame = recv(flags, False)
     frames = [frame]
     while frame.more:
-        frame = sock.recv(0, copy=False)
+        frame = recv(0, False)
         frames.append(frame)
     return frames
 
