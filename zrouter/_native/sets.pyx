@@ -11,11 +11,23 @@ least-outstanding dispatch + completion cycle costs a fraction of the interprete
 """
 
 from heapq import heapify, heappop, heappush
+from random import Random
+
+_Random = Random
 
 __all__ = ["COMPACT_SLACK", "IndexedSet", "MinBuckets"]
 
 # Same value and meaning as zrouter/broker/policies/_buckets.py (tests/native checks it).
 COMPACT_SLACK = 64
+
+
+cdef inline object _below(object rng, Py_ssize_t n):
+    # rng.randrange(n) for n > 0 is rng._randbelow(n) (CPython's random.py): the same draws,
+    # without randrange's argument checks in Python. Any other rng (or n < 1, which must raise
+    # as the reference does) goes through randrange itself.
+    if n > 0 and type(rng) is _Random:
+        return rng._randbelow(n)
+    return rng.randrange(n)
 
 
 cdef class IndexedSet:
@@ -59,7 +71,7 @@ cdef class IndexedSet:
 
     cpdef choice(self, rng):
         """A uniformly random member; ``IndexError`` when empty."""
-        return self._items[rng.randrange(len(self._items))]
+        return self._items[_below(rng, len(self._items))]
 
 
 cdef class MinBuckets:
@@ -106,7 +118,7 @@ cdef class MinBuckets:
         while self._keys:
             bucket = self._buckets.get(self._keys[0])
             if bucket is not None:
-                return bucket._items[rng.randrange(len(bucket._items))]
+                return bucket._items[_below(rng, len(bucket._items))]
             self._queued.discard(heappop(self._keys))
         return None
 
