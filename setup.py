@@ -18,7 +18,7 @@ import sys
 
 from setuptools import Extension, setup
 
-MODULES = ["codec", "wire", "drain"]
+MODULES = ["codec", "wire", "drain", "sets"]
 
 
 def extensions() -> list[Extension]:

@@ -15,6 +15,10 @@ reference: the compiled ones return the same result on every input (tests/fuzz c
     _speedups.decode_request    # zrouter._native.codec.decode_request or protocol.decode_request
     _speedups.recv_frames       # zrouter._native.wire.recv_frames or transport.recv_frames
     _speedups.send_frames       # zrouter._native.wire.send_frames or zrouter._wire.send_frames
+
+The broker's policy containers (``IndexedSet``, ``MinBuckets``) have their reference in
+zrouter.broker.policies, which this package may not import: those modules ask
+:func:`native` and take the compiled twin from ``load_native("sets")`` themselves.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ __all__ = [
 log = logging.getLogger("zrouter")
 
 PURE_ENV: Final = "ZROUTER_PURE"
-_MODULES: Final = ("codec", "wire", "drain")
+_MODULES: Final = ("codec", "wire", "drain", "sets")
 
 
 def load_native(name: str) -> ModuleType:

@@ -21,9 +21,11 @@ import heapq
 import random
 from typing import Generic, TypeVar
 
+from zrouter import _speedups
+
 from zrouter.broker.policies._indexed import IndexedSet
 
-__all__ = ["MinBuckets"]
+__all__ = ["MinBuckets", "PyMinBuckets"]
 
 T = TypeVar("T")
 
@@ -94,3 +96,11 @@ class MinBuckets(Generic[T]):
         bucket.remove(item)
         if not bucket:
             del self._buckets[key]  # its key stays in the heap until it surfaces or a rebuild
+
+
+# The reference above stays importable as PyMinBuckets; when the compiled path runs, MinBuckets is its
+# twin (zrouter/_native/sets.pyx: same contract, same calls to ``rng``), a pick and two updates
+# being on every request's path.
+PyMinBuckets = MinBuckets
+if _speedups.native():
+    MinBuckets = _speedups.load_native("sets").MinBuckets  # type: ignore[misc,assignment]

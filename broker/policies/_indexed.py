@@ -11,7 +11,9 @@ import random
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
-__all__ = ["IndexedSet"]
+from zrouter import _speedups
+
+__all__ = ["IndexedSet", "PyIndexedSet"]
 
 T = TypeVar("T")
 
@@ -54,3 +56,11 @@ class IndexedSet(Generic[T]):
     def choice(self, rng: random.Random) -> T:
         """A uniformly random member; ``IndexError`` when empty."""
         return self._items[rng.randrange(len(self._items))]
+
+
+# The reference above stays importable as PyIndexedSet; when the compiled path runs, IndexedSet is its
+# twin (zrouter/_native/sets.pyx: same contract, same calls to ``rng``), a pick and two updates
+# being on every request's path.
+PyIndexedSet = IndexedSet
+if _speedups.native():
+    IndexedSet = _speedups.load_native("sets").IndexedSet  # type: ignore[misc,assignment]

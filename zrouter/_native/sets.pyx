@@ -1,0 +1,144 @@
+# cython: language_level=3
+"""The policies' containers, compiled: ``IndexedSet`` and ``MinBuckets``.
+
+The references are zrouter/broker/policies/_indexed.py and _buckets.py (their docstrings give
+the algorithms and costs); these twins keep the same contract (same errors, same iteration
+order, the same calls to ``rng`` in the same order, so a seeded policy picks the same workers on
+both paths: tests/native/test_sets.py drives both with the same random operations). They exist
+because every request runs one pick and two ``changed`` calls through them: compiled, a
+least-outstanding dispatch + completion cycle costs a fraction of the interpreted one
+(``python bench/policy_pick.py``).
+"""
+
+from heapq import heapify, heappop, heappush
+from random import Random
+
+_Random = Random
+
+__all__ = ["COMPACT_SLACK", "IndexedSet", "MinBuckets"]
+
+# Same value and meaning as zrouter/broker/policies/_buckets.py (tests/native checks it).
+COMPACT_SLACK = 64
+
+
+cdef inline object _below(object rng, Py_ssize_t n):
+    # rng.randrange(n) for n > 0 is rng._randbelow(n) (CPython's random.py): the same draws,
+    # without randrange's argument checks in Python. Any other rng (or n < 1, which must raise
+    # as the reference does) goes through randrange itself.
+    if n > 0 and type(rng) is _Random:
+        return rng._randbelow(n)
+    return rng.randrange(n)
+
+
+cdef class IndexedSet:
+    """Members in arbitrary order; ``add`` of a member raises ``ValueError``, ``remove`` of a
+    non-member ``KeyError``."""
+
+    cdef list _items
+    cdef dict _index
+
+    def __cinit__(self):
+        self._items = []
+        self._index = {}
+
+    def __len__(self):
+        return len(self._items)
+
+    def __contains__(self, item):
+        return item in self._index
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __getitem__(self, Py_ssize_t i):
+        return self._items[i]
+
+    def __class_getitem__(cls, item):  # IndexedSet[T] in annotations and casts, as the reference
+        return cls
+
+    cpdef add(self, item):
+        if item in self._index:
+            raise ValueError(f"{item!r} is already present")
+        self._index[item] = len(self._items)
+        self._items.append(item)
+
+    cpdef remove(self, item):
+        cdef Py_ssize_t i = self._index.pop(item)
+        last = self._items.pop()
+        if i < len(self._items):
+            self._items[i] = last
+            self._index[last] = i
+
+    cpdef choice(self, rng):
+        """A uniformly random member; ``IndexError`` when empty."""
+        return self._items[_below(rng, len(self._items))]
+
+
+cdef class MinBuckets:
+    """``add`` of a member raises ``ValueError``; ``remove``/``update`` of a non-member
+    ``KeyError``."""
+
+    cdef dict _filed
+    cdef dict _buckets
+    cdef list _keys
+    cdef set _queued
+
+    def __cinit__(self):
+        self._filed = {}
+        self._buckets = {}
+        self._keys = []
+        self._queued = set()
+
+    def __len__(self):
+        return len(self._filed)
+
+    def __contains__(self, item):
+        return item in self._filed
+
+    def __class_getitem__(cls, item):
+        return cls
+
+    cpdef add(self, item, key):
+        if item in self._filed:
+            raise ValueError(f"{item!r} is already present")
+        self._file(item, key)
+
+    cpdef remove(self, item):
+        self._unfile(item, self._filed.pop(item))
+
+    cpdef update(self, item, key):
+        old = self._filed[item]
+        if key != old:
+            self._unfile(item, old)
+            self._file(item, key)
+
+    cpdef choice_min(self, rng):
+        """A uniformly random item among those with the smallest key; ``None`` when empty."""
+        cdef IndexedSet bucket
+        while self._keys:
+            bucket = self._buckets.get(self._keys[0])
+            if bucket is not None:
+                return bucket._items[_below(rng, len(bucket._items))]
+            self._queued.discard(heappop(self._keys))
+        return None
+
+    cdef _file(self, item, key):
+        cdef IndexedSet bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = IndexedSet()
+            self._buckets[key] = bucket
+            if key not in self._queued:
+                self._queued.add(key)
+                heappush(self._keys, key)
+                if len(self._keys) > 2 * len(self._buckets) + COMPACT_SLACK:
+                    self._keys = list(self._buckets)
+                    heapify(self._keys)
+                    self._queued = set(self._keys)
+        bucket.add(item)
+        self._filed[item] = key
+
+    cdef _unfile(self, item, key):
+        cdef IndexedSet bucket = self._buckets[key]
+        bucket.remove(item)
+        if not bucket._items:
+            del self._buckets[key]
