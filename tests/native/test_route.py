@@ -20,6 +20,7 @@ from zrouter import _speedups
 from zrouter import protocol as p
 from zrouter.broker import router as router_module
 from zrouter.broker import state
+from zrouter.broker.counters import ServiceStats
 from zrouter.broker.policies import POLICIES
 from zrouter.broker.router import Router, routes
 
@@ -157,6 +158,7 @@ def _fields(obj: Any) -> dict[str, Any]:
 
 
 def test_compiled_records_have_the_reference_fields_and_start_alike() -> None:
+    native.set_stats_factory(ServiceStats)  # state.py does this when the compiled path runs
     svc_ref = state.PyService("s", None, None, 1.0)  # type: ignore[arg-type]
     svc_twin = native.Service("s", None, None, 1.0)
     assert set(_fields(svc_twin)) == set(state.PyService.__slots__)
