@@ -18,7 +18,7 @@ import sys
 
 from setuptools import Extension, setup
 
-MODULES = ["codec", "wire", "drain", "sets"]
+MODULES = ["codec", "wire", "drain", "sets", "route"]
 
 
 def extensions() -> list[Extension]:

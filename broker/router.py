@@ -30,9 +30,9 @@ from zrouter.broker.slow_start import slow_credit, slow_weight, starts_slow
 from zrouter.broker.counters import BOUNDS, LATENCY_ALPHA, MAX_SERVICES, OTHER_SERVICE, ServiceStats
 from zrouter.broker.state import ServiceQueue
 from zrouter.broker.state import DONE, INFLIGHT, ClientLoad, Request, Service, WorkerState
-from zrouter import limits, protocol
+from zrouter import _speedups, limits, protocol
 
-__all__ = ["Access", "Refused", "Router", "Sink", "Stats"]
+__all__ = ["Access", "Refused", "Router", "Sink", "Stats", "routes"]
 
 log = logging.getLogger("zrouter.broker")
 
@@ -266,16 +266,22 @@ class Router:
                 svc.stats.wait.buckets[0] += 1  # waited 0 s: sum unchanged
                 self._dispatch(req, w, now)  # type: ignore[arg-type]
                 return
+        self._enqueue(req, now)
+
+    def _enqueue(self, req: Request, now: float) -> None:
+        """An accepted request no worker can take now: into its service's queue, or OVERLOADED
+        when the queue is full."""
+        svc = req.service
         grace_until = None if svc.n_routable else now + self.grace
-        if size <= _COMPACT_BELOW:
-            data = getattr(payload, "bytes", None)  # a zmq.Frame: its own copy (pyzmq's Frame.bytes)
+        if req.size <= _COMPACT_BELOW:
+            data = getattr(req.payload, "bytes", None)  # a zmq.Frame: its own copy (pyzmq's Frame.bytes)
             if data is not None:
                 req.payload = data
         if not svc.queue.push(req, now, grace_until):
             self.stats.overloaded += 1
             self._release(req)
             svc.stats.counts[protocol.STATUS_OVERLOADED] += 1
-            self.answer(client, crid, protocol.STATUS_OVERLOADED, f"the queue of service {service} is full")
+            self.answer(req.client, req.crid, protocol.STATUS_OVERLOADED, f"the queue of service {svc.name} is full")
 
     def _client_full(self, load: ClientLoad, size: int) -> str:
         if load.requests >= self.max_client_requests:
@@ -878,3 +884,21 @@ class Router:
         """Nothing held by workers and nothing queued: what workers send now is only control
         traffic (heartbeats, READY, goodbyes), none of which a client is waiting on."""
         return not self.n_inflight and not any(svc.queue for svc in self.services.values())
+
+
+RequestHandler = Callable[[bytes, int, str, int, int, int, "bytes | None", Any, float], None]
+ReplyHandler = Callable[[bytes, int, int, int, "str | None", "str | None", Any, float], None]
+
+
+def routes(router: Router, on_reply: ReplyHandler) -> tuple[RequestHandler, ReplyHandler]:
+    """The calls the drain loops make for a valid REQUEST and a valid REPLY.
+
+    Pure path: ``router.request`` and ``on_reply`` (the broker's: find the worker by connection,
+    then ``router.worker_reply``). Compiled path: their twins in zrouter/_native/route.pyx, which
+    do the common case in C on ``router``'s own state and hand the rest to these same methods
+    (``on_reply`` gets replies from connections that are not registered workers).
+    """
+    if not _speedups.native():
+        return router.request, on_reply
+    route = _speedups.load_native("route").Route(router, BOUNDS, LATENCY_ALPHA, on_reply)
+    return route.request, route.reply

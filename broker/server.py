@@ -23,7 +23,7 @@ import msgpack
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from zrouter.broker.router import Refused, Router
+from zrouter.broker.router import Refused, Router, routes
 from zrouter.broker.unread import UnreadReplies
 
 if TYPE_CHECKING:
@@ -159,6 +159,8 @@ class Broker:
             max_capacity=config.max_capacity,
             max_worker_bytes=config.max_worker_bytes,
         )
+        # What the drain loops call for a valid REQUEST / REPLY: compiled twins when built.
+        self._route_request, self._route_reply = routes(self.router, self._on_reply)
         self.front: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)
         self.back: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)
         maxmsgsize = limits.socket_max_message_size(config.max_message_size, protocol.MAX_HEADER_SIZE)
@@ -496,7 +498,7 @@ class Broker:
         """Handle up to BATCH worker messages; True if there may be more."""
         # Compiled: a valid REPLY goes from the socket to _on_reply in C; every other message
         # (and every message on the pure path) to _on_worker_frames.
-        return drain_replies(self.back, BATCH, self._on_reply, self._on_worker_frames, self._reply_failed, now)
+        return drain_replies(self.back, BATCH, self._route_reply, self._on_worker_frames, self._reply_failed, now)
 
     def _on_worker_frames(self, frames: list[zmq.Frame], now: float) -> None:
         try:
@@ -643,7 +645,7 @@ class Broker:
         # other message (and every message on the pure path) to _on_client_message. With CURVE
         # client keys (a per-request refusal check), every message goes there (request None).
         drain_requests(self.front, BATCH, self.config.max_message_size,
-                       self.router.request if self._client_refusal is None else None, self._on_client_message,
+                       self._route_request if self._client_refusal is None else None, self._on_client_message,
                        self._request_failed, now)
 
     def _request_failed(self, ident: bytes, rid: int, now: float) -> None:

@@ -19,13 +19,16 @@ import itertools
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Final
 
-from zrouter import limits, protocol
+from zrouter import _speedups, limits, protocol
 from zrouter.broker.counters import ServiceStats
 
 if TYPE_CHECKING:
     from zrouter.broker.policies.base import Policy
 
-__all__ = ["DONE", "INFLIGHT", "QUEUED", "ClientLoad", "Request", "Service", "ServiceQueue", "WorkerState"]
+__all__ = [
+    "DONE", "INFLIGHT", "QUEUED", "ClientLoad", "PyClientLoad", "PyRequest", "PyService", "PyWorkerState", "Request",
+    "Service", "ServiceQueue", "WorkerState",
+]
 
 # Request.state values: ints, because they are compared on every dispatch.
 QUEUED: Final = 1
@@ -343,3 +346,20 @@ class ServiceQueue:
     def held(self) -> int:
         """Entries the queue's structures hold, live or stale (for tests of its bound)."""
         return len(self._order) + len(self._timers)
+
+
+# The records above stay importable as PyRequest, PyClientLoad, PyWorkerState and PyService; when
+# the compiled path runs, the names without Py are their twins (zrouter/_native/route.pyx: the same fields and
+# constructor), which the compiled routing reads and writes at C speed. One kind of record per
+# process: the router, the queue and the compiled path all make and take these.
+PyRequest = Request
+PyClientLoad = ClientLoad
+PyWorkerState = WorkerState
+PyService = Service
+if _speedups.native():
+    _route = _speedups.load_native("route")
+    _route.set_stats_factory(ServiceStats)
+    Request = _route.Request  # type: ignore[misc,assignment]
+    ClientLoad = _route.ClientLoad  # type: ignore[misc,assignment]
+    WorkerState = _route.WorkerState  # type: ignore[misc,assignment]
+    Service = _route.Service  # type: ignore[misc,assignment]

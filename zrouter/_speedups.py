@@ -16,9 +16,10 @@ reference: the compiled ones return the same result on every input (tests/fuzz c
     _speedups.recv_frames       # zrouter._native.wire.recv_frames or transport.recv_frames
     _speedups.send_frames       # zrouter._native.wire.send_frames or zrouter._wire.send_frames
 
-The broker's policy containers (``IndexedSet``, ``MinBuckets``) have their reference in
-zrouter.broker.policies, which this package may not import: those modules ask
-:func:`native` and take the compiled twin from ``load_native("sets")`` themselves.
+The broker's policy containers (``IndexedSet``, ``MinBuckets``), its records (``Request``,
+``ClientLoad``) and its per-request routing (``Route``) have their reference in zrouter.broker,
+which this package may not import: those modules ask :func:`native` and take the compiled twin
+from ``load_native("sets")`` / ``load_native("route")`` themselves.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ __all__ = [
 log = logging.getLogger("zrouter")
 
 PURE_ENV: Final = "ZROUTER_PURE"
-_MODULES: Final = ("codec", "wire", "drain", "sets")
+_MODULES: Final = ("codec", "wire", "drain", "sets", "route")
 
 
 def load_native(name: str) -> ModuleType:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import random
 
+from zrouter import _speedups
+from zrouter.broker.policies import _buckets
 from zrouter.broker.policies._buckets import MinBuckets
 from zrouter.broker.policies.base import Endpoint, Policy
 
@@ -23,6 +25,12 @@ class LeastOutstanding(Policy):
     def __init__(self, rng: random.Random | None = None) -> None:
         super().__init__(rng)
         self._buckets: MinBuckets[Endpoint] = MinBuckets()
+        if _speedups.native() and type(self._buckets) is not _buckets.PyMinBuckets:
+            # The compiled path: the same four calls over the same buckets and rng, without a
+            # Python frame each (zrouter/_native/sets.pyx, LeastOutstandingCore).
+            core = _speedups.load_native("sets").LeastOutstandingCore(self._buckets, self.rng)
+            self.add, self.remove, self.changed, self.pick = (  # type: ignore[method-assign]
+                core.add, core.remove, core.changed, core.pick)
 
     def add(self, ep: Endpoint) -> None:
         self._buckets.add(ep, ep.outstanding)
