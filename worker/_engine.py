@@ -43,9 +43,8 @@ from zrouter.protocol import (
     encode_update,
 )
 from zrouter.ratelimit import RateLimiter
-from zrouter.transport import NOBLOCK
 # The per-request codec and socket calls: compiled when built, else zrouter.protocol/transport.
-from zrouter._speedups import decode_request, encode_reply, recv_frames
+from zrouter._speedups import decode_request, encode_reply, recv_or_none
 
 from ._connection import ACTIVE, BACKOFF, DRAINING, BrokerConnection, ready_share, rebalance
 from ._handlers import Answer, Job, Runner, timeout_reply
@@ -259,9 +258,8 @@ class Engine:
         """Read up to a batch of messages from one broker: REQUESTs go to :meth:`_accept`."""
         accept = self._accept
         for _ in range(_BATCH):
-            try:
-                frames = recv_frames(sock, NOBLOCK)
-            except zmq.Again:
+            frames = recv_or_none(sock)  # None once drained: no zmq.Again built per wake-up
+            if frames is None:
                 return
             conn.last_recv = now
             try:

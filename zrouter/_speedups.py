@@ -29,7 +29,7 @@ import logging
 import os
 from collections.abc import Callable
 from types import ModuleType
-from typing import Final
+from typing import Any, Final
 
 import zmq
 
@@ -48,6 +48,7 @@ __all__ = [
     "load_native",
     "native",
     "recv_frames",
+    "recv_or_none",
     "send_frames",
     "why_pure",
 ]
@@ -104,6 +105,7 @@ decode_worker_message: Callable[[protocol.Buffer], protocol.WorkerMessage]
 encode_request: Callable[..., bytes]
 encode_reply: Callable[..., bytes]
 recv_frames: Callable[..., list[zmq.Frame]]
+recv_or_none: Callable[[zmq.Socket[Any]], list[zmq.Frame] | None]
 send_frames: Callable[..., None]
 drain_requests: Callable[..., bool]
 drain_replies: Callable[..., bool]
@@ -116,6 +118,7 @@ if _LOADED:
     encode_request = _codec.encode_request
     encode_reply = _codec.encode_reply
     recv_frames = _cwire.recv_frames
+    recv_or_none = _cwire.recv_or_none
     send_frames = _cwire.send_frames
     drain_requests = _LOADED["drain"].drain_requests
     drain_replies = _LOADED["drain"].drain_replies
@@ -126,6 +129,7 @@ else:
     encode_request = protocol.encode_request
     encode_reply = protocol.encode_reply
     recv_frames = transport.recv_frames
+    recv_or_none = transport.recv_or_none
     send_frames = _wire.send_frames
     drain_requests = _drain.drain_requests
     drain_replies = _drain.drain_replies

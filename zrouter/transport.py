@@ -11,7 +11,7 @@ from typing import Any, Final
 
 import zmq
 
-__all__ = ["NOBLOCK", "SNDMORE", "free_tcp_endpoint", "recv_frames", "send_frames"]
+__all__ = ["NOBLOCK", "SNDMORE", "free_tcp_endpoint", "recv_frames", "recv_or_none", "send_frames"]
 
 SNDMORE: Final = int(zmq.SNDMORE)
 NOBLOCK: Final = int(zmq.NOBLOCK)
@@ -26,6 +26,15 @@ def recv_frames(sock: zmq.Socket[Any], flags: int = 0) -> list[zmq.Frame]:
         frame = recv(0, False)
         frames.append(frame)
     return frames
+
+
+def recv_or_none(sock: zmq.Socket[Any]) -> list[zmq.Frame] | None:
+    """:func:`recv_frames` under NOBLOCK, None when no message is queued (the compiled twin
+    saves the zmq.Again it would build; here it is caught)."""
+    try:
+        return recv_frames(sock, NOBLOCK)
+    except zmq.Again:
+        return None
 
 
 def send_frames(sock: zmq.Socket[Any], frames: list[Any] | tuple[Any, ...], flags: int = 0) -> None:

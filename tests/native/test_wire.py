@@ -19,6 +19,7 @@ class _Pure:
     """The pure path: transport's receive, _wire's send."""
 
     recv_frames = staticmethod(transport.recv_frames)
+    recv_or_none = staticmethod(transport.recv_or_none)
     send_frames = staticmethod(_wire.send_frames)
 
 
@@ -60,6 +61,27 @@ def test_noblock_on_an_empty_socket_raises_again(ctx: zmq.Context[Any], impl: An
     router, _ = _pair(ctx)
     with pytest.raises(zmq.Again):
         impl.recv_frames(router, NOBLOCK)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_recv_or_none_reads_what_is_queued_then_says_none(ctx: zmq.Context[Any], impl: Any) -> None:
+    router, dealer = _pair(ctx)
+    assert impl.recv_or_none(router) is None
+    impl.send_frames(dealer, [b"a", b"b"])
+    impl.send_frames(dealer, [b"c"])
+    got = []
+    while True:  # the loops that drain a socket: frames until None, never an exception
+        frames = None
+        for _ in range(1000):  # inproc delivery is asynchronous: poll rather than sleep
+            frames = impl.recv_or_none(router)
+            if frames is not None or len(got) == 2:
+                break
+            router.poll(100)
+        if frames is None:
+            break
+        got.append([f.bytes for f in frames[1:]])
+    assert got == [[b"a", b"b"], [b"c"]]
+    assert impl.recv_or_none(router) is None
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -27,7 +27,7 @@ from zrouter._native.codec cimport (
 import zmq
 
 from zrouter import protocol as _p
-from zrouter._native.wire import recv_frames as _recv
+from zrouter._native.wire import recv_or_none as _recv
 
 __all__ = ["drain_replies", "drain_requests"]
 
@@ -43,9 +43,6 @@ cdef enum:
 
 assert _p.SIGNATURE == b"ZRT1" and int(zmq.NOBLOCK) == NOBLOCK
 assert _p.MAX_HEADER_SIZE == MAX_HEADER_SIZE and _p.MAX_TEXT_LEN == MAX_TEXT_LEN
-
-_Again = zmq.Again
-
 
 cdef inline bint _is_sig(object frame):
     cdef Py_buffer view
@@ -78,9 +75,8 @@ def drain_requests(sock, int batch, Py_ssize_t max_size, request, other, failed,
     cdef int count, i, kk
     cdef list frames
     for i in range(batch):
-        try:
-            frames = _recv(sock, NOBLOCK)
-        except _Again:
+        frames = _recv(sock)
+        if frames is None:
             return False
         count = 0
         if (request is not None and len(frames) == 4 and _is_sig(frames[1])
@@ -113,9 +109,8 @@ def drain_replies(sock, int batch, reply, other, failed, now):
     cdef int count, i
     cdef list frames
     for i in range(batch):
-        try:
-            frames = _recv(sock, NOBLOCK)
-        except _Again:
+        frames = _recv(sock)
+        if frames is None:
             return False
         count = 0
         if (len(frames) == 4 and _is_sig(frames[1]) and _header(frames[2], items, &count) == PARSE_OK

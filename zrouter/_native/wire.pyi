@@ -2,7 +2,7 @@ from typing import Any
 
 import zmq
 
-__all__ = ["Part", "recv_frames", "send_frames"]
+__all__ = ["Part", "recv_frames", "recv_or_none", "send_frames"]
 
 class Part:
     more: bool
@@ -15,4 +15,5 @@ class Part:
     def get(self, option: int | str) -> Any: ...
 
 def recv_frames(sock: zmq.Socket[Any], flags: int = ...) -> list[zmq.Frame]: ...
+def recv_or_none(sock: zmq.Socket[Any]) -> list[zmq.Frame] | None: ...
 def send_frames(sock: zmq.Socket[Any], frames: list[Any] | tuple[Any, ...], flags: int = ...) -> None: ...

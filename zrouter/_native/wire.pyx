@@ -84,7 +84,7 @@ cdef extern from *:
     zr_api_t zr
     const char *zr_resolve(const char *path)
 
-__all__ = ["Part", "recv_frames", "send_frames"]
+__all__ = ["Part", "recv_frames", "recv_or_none", "send_frames"]
 
 cdef enum:
     ZMQ_DONTWAIT = 1
@@ -194,8 +194,23 @@ cdef inline void *_handle(object sock) except? NULL:
 def recv_frames(sock, int flags=0):
     """One whole multipart message as a list of :class:`Part` (no copies). Raises zmq.Again
     under NOBLOCK when none is queued; later frames of a message are always there."""
+    return _recv(sock, flags, False)
+
+
+def recv_or_none(sock):
+    """:func:`recv_frames` under NOBLOCK, but None when no message is queued: a loop that reads
+    until the socket is empty ends without building a zmq.Again (~1.4 µs each)."""
+    return _recv(sock, ZMQ_DONTWAIT, True)
+
+
+cdef object _recv(object sock, int flags, bint none_on_again):
     cdef void *h = _handle(sock)
     if h == NULL:
+        if none_on_again:
+            try:
+                return _transport.recv_frames(sock, flags)
+            except zmq.Again:
+                return None
         return _transport.recv_frames(sock, flags)
     cdef list frames = []
     cdef Part part
@@ -212,6 +227,8 @@ def recv_frames(sock, int flags=0):
             if rc >= 0:
                 break
             err = zr.zerrno()
+            if err == EAGAIN and none_on_again and not frames:
+                return None
             if err != EINTR:
                 raise _error(err)
             PyErr_CheckSignals()  # a signal: its handler runs (and may raise), then go on
