@@ -46,7 +46,8 @@ from zrouter.protocol import (
 )
 from zrouter.transport import NOBLOCK
 # The per-request codec and socket calls: compiled when built, else zrouter.protocol/transport.
-from zrouter._speedups import decode_reply, encode_request, recv_frames, send_frames
+from zrouter import _speedups
+from zrouter._speedups import decode_reply, encode_request, recv_frames, recv_or_none, send_frames
 
 __all__ = ["DEFAULT_BROKER", "DEFAULT_TIMEOUT", "ClientCore", "Entry", "request_frames"]
 
@@ -64,6 +65,7 @@ _RESEND_RETRY: Final = 0.05
 _HOLD_GRACE: Final = 2.0
 
 _EVENTS: Final = int(zmq.EVENTS)
+_NATIVE: Final = _speedups.native()
 _POLLIN: Final = int(zmq.POLLIN)
 
 
@@ -468,11 +470,20 @@ class ClientCore:
             self._drain(conn)
 
     def _drain(self, conn: BrokerConn) -> None:
-        # EAGAIN costs ~4 us (pyzmq builds an exception, importing inside it), an EVENTS read
+        # Pure path: EAGAIN costs ~4 us (pyzmq builds an exception, importing inside it), an EVENTS read
         # ~1.5 us: after the first message ask EVENTS (one-at-a-time traffic stops there), and
         # if more is queued, receive until EAGAIN (one exception for a whole pipelined burst).
         sock = conn.sock
         handle = self.handle_reply
+        if _NATIVE:
+            # Compiled: an empty receive returns None (~0.9 µs, no exception), less than the
+            # EVENTS read (pyzmq wraps it in an enum): read until empty.
+            while not conn.closed:
+                frames = recv_or_none(sock)
+                if frames is None:
+                    return
+                handle(frames)
+            return
         try:
             handle(recv_frames(sock, NOBLOCK))
             if conn.closed or not sock.get(_EVENTS) & _POLLIN:
