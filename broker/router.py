@@ -890,15 +890,17 @@ RequestHandler = Callable[[bytes, int, str, int, int, int, "bytes | None", Any, 
 ReplyHandler = Callable[[bytes, int, int, int, "str | None", "str | None", Any, float], None]
 
 
-def routes(router: Router, on_reply: ReplyHandler) -> tuple[RequestHandler, ReplyHandler]:
-    """The calls the drain loops make for a valid REQUEST and a valid REPLY.
+def routes(router: Router, on_reply: ReplyHandler) -> tuple[RequestHandler, ReplyHandler] | None:
+    """The compiled calls for a valid REQUEST and a valid REPLY, or None on the pure path.
 
-    Pure path: ``router.request`` and ``on_reply`` (the broker's: find the worker by connection,
-    then ``router.worker_reply``). Compiled path: their twins in zrouter/_native/route.pyx, which
-    do the common case in C on ``router``'s own state and hand the rest to these same methods
-    (``on_reply`` gets replies from connections that are not registered workers).
+    Pure path (None): the drain loops call ``router.request`` and the broker's ``on_reply``
+    (find the worker by connection, then ``router.worker_reply``), looked up on every batch so
+    a replaced method takes effect at once. Compiled path: their twins in
+    zrouter/_native/route.pyx, which do the common case in C on ``router``'s own state and hand
+    the rest to those same methods (``on_reply`` gets replies from connections that are not
+    registered workers).
     """
     if not _speedups.native():
-        return router.request, on_reply
+        return None
     route = _speedups.load_native("route").Route(router, BOUNDS, LATENCY_ALPHA, on_reply)
     return route.request, route.reply

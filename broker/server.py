@@ -159,8 +159,9 @@ class Broker:
             max_capacity=config.max_capacity,
             max_worker_bytes=config.max_worker_bytes,
         )
-        # What the drain loops call for a valid REQUEST / REPLY: compiled twins when built.
-        self._route_request, self._route_reply = routes(self.router, self._on_reply)
+        # What the drain loops call for a valid REQUEST / REPLY: compiled twins when built, else
+        # (None) router.request and _on_reply, looked up per batch.
+        self._routes = routes(self.router, self._on_reply)
         self.front: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)
         self.back: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)
         maxmsgsize = limits.socket_max_message_size(config.max_message_size, protocol.MAX_HEADER_SIZE)
@@ -496,9 +497,10 @@ class Broker:
 
     def _drain_backend(self, now: float) -> bool:
         """Handle up to BATCH worker messages; True if there may be more."""
-        # Compiled: a valid REPLY goes from the socket to _on_reply in C; every other message
-        # (and every message on the pure path) to _on_worker_frames.
-        return drain_replies(self.back, BATCH, self._route_reply, self._on_worker_frames, self._reply_failed, now)
+        # A valid REPLY goes straight from the socket to the reply routing (compiled: route.pyx's,
+        # called from C; pure: _on_reply); every other message to _on_worker_frames.
+        reply = self._on_reply if self._routes is None else self._routes[1]
+        return drain_replies(self.back, BATCH, reply, self._on_worker_frames, self._reply_failed, now)
 
     def _on_worker_frames(self, frames: list[zmq.Frame], now: float) -> None:
         try:
@@ -641,11 +643,13 @@ class Broker:
         log.log(level, msg, *args, exc_info=exc_info)
 
     def _drain_frontend(self, now: float) -> None:
-        # Compiled: the common valid REQUEST goes from the socket to router.request in C; every
-        # other message (and every message on the pure path) to _on_client_message. With CURVE
-        # client keys (a per-request refusal check), every message goes there (request None).
+        # A valid REQUEST goes straight from the socket to the request routing (compiled:
+        # route.pyx's, called from C; pure: router.request); every other message to
+        # _on_client_message. With CURVE client keys (a per-request refusal check), every
+        # message goes there (request None).
+        request = self.router.request if self._routes is None else self._routes[0]
         drain_requests(self.front, BATCH, self.config.max_message_size,
-                       self._route_request if self._client_refusal is None else None, self._on_client_message,
+                       request if self._client_refusal is None else None, self._on_client_message,
                        self._request_failed, now)
 
     def _request_failed(self, ident: bytes, rid: int, now: float) -> None:
