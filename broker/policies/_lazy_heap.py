@@ -14,7 +14,9 @@ import heapq
 import itertools
 from typing import Generic, TypeVar
 
-__all__ = ["LazyHeap"]
+from zrouter import _speedups
+
+__all__ = ["LazyHeap", "PyLazyHeap"]
 
 T = TypeVar("T")
 
@@ -71,3 +73,10 @@ class LazyHeap(Generic[T]):
         if len(self._heap) > 2 * len(self._live) + COMPACT_SLACK:
             self._heap = list(self._live.values())
             heapq.heapify(self._heap)
+
+
+# The reference above stays importable as PyLazyHeap; when the compiled path runs, LazyHeap is its
+# twin (zrouter/_native/sets.pyx: same entries, same order), weighted's pick running through it.
+PyLazyHeap = LazyHeap
+if _speedups.native():
+    LazyHeap = _speedups.load_native("sets").LazyHeap  # type: ignore[misc,assignment]

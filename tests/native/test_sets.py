@@ -99,3 +99,34 @@ def test_the_policies_use_the_path_this_run_asked_for() -> None:
     assert (_buckets.MinBuckets is native.MinBuckets) is compiled
     if not compiled:
         assert _indexed.IndexedSet is _indexed.PyIndexedSet and _buckets.MinBuckets is _buckets.PyMinBuckets
+
+
+HEAP_OPS = st.lists(st.tuples(st.sampled_from(["set", "set", "discard", "peek", "len", "items", "contains"]),
+                              ITEMS, st.sampled_from([0.0, -1.5, 2.0, 3.25, -7.0]), st.integers(0, 3)),
+                    max_size=300)
+
+
+@settings(max_examples=300, deadline=None)
+@given(HEAP_OPS)
+def test_lazy_heap_twins_agree(ops: list[tuple[str, int, float, int]]) -> None:
+    from zrouter.broker.policies import _lazy_heap
+
+    ref, twin = _lazy_heap.PyLazyHeap(), native.LazyHeap()
+    assert native.COMPACT_SLACK == _lazy_heap.COMPACT_SLACK
+    for op, item, primary, secondary in ops:
+        got = [_heap_step(h, op, item, primary, secondary) for h in (ref, twin)]
+        assert got[1] == got[0], (op, item, primary, secondary)
+
+
+def _heap_step(h: Any, op: str, item: int, primary: float, secondary: int) -> tuple[str, Any]:
+    if op == "set":
+        return _outcome(lambda: h.set(item, primary, secondary))
+    if op == "discard":
+        return _outcome(lambda: h.discard(item))
+    if op == "peek":
+        return _outcome(h.peek)
+    if op == "len":
+        return _outcome(lambda: len(h))
+    if op == "items":
+        return _outcome(h.items)
+    return _outcome(lambda: item in h)

@@ -1,8 +1,8 @@
 # cython: language_level=3
-"""The policies' containers, compiled: ``IndexedSet`` and ``MinBuckets``.
+"""The policies' containers, compiled: ``IndexedSet``, ``MinBuckets`` and ``LazyHeap``.
 
-The references are zrouter/broker/policies/_indexed.py and _buckets.py (their docstrings give
-the algorithms and costs); these twins keep the same contract (same errors, same iteration
+The references are zrouter/broker/policies/_indexed.py, _buckets.py and _lazy_heap.py (their
+docstrings give the algorithms and costs); these twins keep the same contract (same errors, same iteration
 order, the same calls to ``rng`` in the same order, so a seeded policy picks the same workers on
 both paths: tests/native/test_sets.py drives both with the same random operations). They exist
 because every request runs one pick and two ``changed`` calls through them: compiled, a
@@ -15,7 +15,7 @@ from random import Random
 
 _Random = Random
 
-__all__ = ["COMPACT_SLACK", "IndexedSet", "LeastOutstandingCore", "MinBuckets"]
+__all__ = ["COMPACT_SLACK", "IndexedSet", "LazyHeap", "LeastOutstandingCore", "MinBuckets"]
 
 # Same value and meaning as zrouter/broker/policies/_buckets.py (tests/native checks it).
 COMPACT_SLACK = 64
@@ -177,3 +177,57 @@ cdef class LeastOutstandingCore:
 
     cpdef pick(self, key=None):
         return self.buckets.choice_min(self.rng)
+
+
+cdef class LazyHeap:
+    """Items ordered by ``(primary, secondary)``, smallest first; ties beyond that go to the
+    earlier-set item. ``set`` of a new item adds it; ``discard`` of a non-member raises
+    ``KeyError``. Entries are ``(primary, secondary, seq, item)`` tuples as in the reference, so
+    the heap orders them the same way."""
+
+    cdef list _heap
+    cdef dict _live
+    cdef object _seq
+
+    def __cinit__(self):
+        self._heap = []
+        self._live = {}
+        self._seq = 0
+
+    def __len__(self):
+        return len(self._live)
+
+    def __contains__(self, item):
+        return item in self._live
+
+    def __class_getitem__(cls, item):
+        return cls
+
+    def items(self):
+        return list(self._live)
+
+    cpdef set(self, item, primary, secondary=0.0):
+        entry = (primary, secondary, self._seq, item)
+        self._seq += 1
+        self._live[item] = entry
+        heappush(self._heap, entry)
+        self._maybe_compact()
+
+    cpdef discard(self, item):
+        del self._live[item]
+        self._maybe_compact()
+
+    cpdef peek(self):
+        """The smallest live item with its priority, or ``None`` when empty."""
+        cdef tuple top
+        while self._heap:
+            top = <tuple>self._heap[0]
+            if self._live.get(top[3]) is top:
+                return top[0], top[1], top[3]
+            heappop(self._heap)
+        return None
+
+    cdef _maybe_compact(self):
+        if len(self._heap) > 2 * len(self._live) + COMPACT_SLACK:
+            self._heap = list(self._live.values())
+            heapify(self._heap)
