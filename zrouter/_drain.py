@@ -23,7 +23,7 @@ from typing import Any, Final
 import zmq
 
 from zrouter.protocol import SIGNATURE, BadMessage, decode_reply, decode_request
-from zrouter.transport import NOBLOCK
+from zrouter.transport import recv_or_none
 
 __all__ = ["drain_replies", "drain_requests"]
 
@@ -31,7 +31,6 @@ Other = Callable[[list[zmq.Frame], float], None]
 Failed = Callable[[bytes, int, float], None]
 
 _SIG: Final = SIGNATURE
-_Again: Final = zmq.Again
 
 
 def drain_requests(sock: zmq.Socket[Any], batch: int, max_size: int, request: Callable[..., None] | None,
@@ -42,16 +41,10 @@ def drain_requests(sock: zmq.Socket[Any], batch: int, max_size: int, request: Ca
     ``other``. Returns True when ``batch`` messages were read (more may wait)."""
     if request is None:
         return _to_other(sock, batch, other, now)
-    recv = sock.recv  # positional arguments: pyzmq parses keywords on every call
     for _ in range(batch):
-        try:
-            frame = recv(NOBLOCK, False)
-        except _Again:
+        frames = recv_or_none(sock)
+        if frames is None:
             return False
-        frames = [frame]
-        while frame.more:
-            frame = recv(0, False)
-            frames.append(frame)
         if len(frames) == 4 and frames[1].bytes == _SIG and len(frames[3]) <= max_size:
             try:
                 rid, service, timeout_ms, attempt, flags, key = decode_request(frames[2])
@@ -75,16 +68,10 @@ def drain_replies(sock: zmq.Socket[Any], batch: int, reply: Callable[..., None],
     """Worker messages from the back end. ``reply(worker, rid, status, flags, message,
     error_type, payload, now)`` is what a valid REPLY leads to. Returns True when ``batch``
     messages were read (more may wait)."""
-    recv = sock.recv
     for _ in range(batch):
-        try:
-            frame = recv(NOBLOCK, False)
-        except _Again:
+        frames = recv_or_none(sock)
+        if frames is None:
             return False
-        frames = [frame]
-        while frame.more:
-            frame = recv(0, False)
-            frames.append(frame)
         if len(frames) == 4 and frames[1].bytes == _SIG:
             try:
                 rid, status, flags, message, error_type = decode_reply(frames[2])
@@ -103,15 +90,9 @@ def drain_replies(sock: zmq.Socket[Any], batch: int, reply: Callable[..., None],
 
 def _to_other(sock: zmq.Socket[Any], batch: int, other: Other, now: float) -> bool:
     """Every message to ``other`` (the broker's Python handlers)."""
-    recv = sock.recv
     for _ in range(batch):
-        try:
-            frame = recv(NOBLOCK, False)
-        except _Again:
+        frames = recv_or_none(sock)
+        if frames is None:
             return False
-        frames = [frame]
-        while frame.more:
-            frame = recv(0, False)
-            frames.append(frame)
         other(frames, now)
     return True
