@@ -76,16 +76,18 @@ def measure(compiled: bool, cycles: int, policy: str = "least-outstanding") -> f
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.router_cycle", description=__doc__.splitlines()[0])
-    p.add_argument("--cycles", type=int, default=100_000)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--policy", default="least-outstanding")
+    p.add_argument("--cycles", type=int, default=100_000, help="request cycles per measurement (default 100,000)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="measurements of each, alternating; the median is printed (default 5)")
+    p.add_argument("--policy", default="least-outstanding", help="the service's dispatch policy")
     args = p.parse_args(argv)
     ref: list[float] = []
     twin: list[float] = []
     for _ in range(args.rounds):  # alternating, so load on the machine hits both alike
         ref.append(measure(False, args.cycles, args.policy))
         twin.append(measure(True, args.cycles, args.policy))
-    path = "compiled" if _speedups.native() else "pure (ZROUTER_PURE=1 or not built): both columns are the reference"
+    path = ("compiled path: the reference methods, then route.pyx" if _speedups.native()
+            else "pure (ZROUTER_PURE=1 or not built): both columns are the reference")
     print(f"routing µs per request cycle ({args.policy}, {IN_FLIGHT} in flight; {path}; "
           f"includes ~0.5 µs of this loop's own decode)")
     print(f"reference {statistics.median(ref):.2f}   compiled routing {statistics.median(twin):.2f}")
