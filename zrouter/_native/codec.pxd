@@ -23,6 +23,16 @@ cdef enum:
 cdef enum:
     MAX_ITEMS = 64      # msgpack's max_array_len in zrouter.protocol
 
+# zrouter.protocol's limits (codec.pyx asserts they agree at import).
+cdef enum:
+    MAX_HEADER_SIZE = 8192
+    MAX_SERVICE_LEN = 255
+    MAX_KEY_LEN = 255
+    MAX_TIMEOUT_MS = 86400000
+    MAX_ATTEMPT = 255
+    MAX_STATUS = 255
+    MAX_TEXT_LEN = 1024
+
 cdef struct Item:
     int kind
     uint64_t u
@@ -30,6 +40,8 @@ cdef struct Item:
     Py_ssize_t n
 
 cdef int parse_header(const uint8_t *p, Py_ssize_t n, Item *items, int *count) noexcept
+cdef bint request_items_ok(const Item *items, int count) noexcept
+cdef bint reply_items_ok(const Item *items, int count) noexcept
 cdef object request_or_none(Item *items, int count)
 cdef object reply_or_none(Item *items, int count)
 cdef Py_ssize_t pack_request(uint8_t *out, uint64_t rid, const char *service, Py_ssize_t service_n,

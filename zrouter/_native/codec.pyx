@@ -45,15 +45,9 @@ _Request = _p.Request
 _Reply = _p.Reply
 _tuple_new = tuple.__new__
 
+# The protocol's limits (MAX_HEADER_SIZE ... MAX_TEXT_LEN) are in codec.pxd, shared with drain.pyx.
 cdef enum:
-    MAX_HEADER_SIZE = 8192
     MAX_STR = 8192                  # msgpack max_str_len / max_bin_len in the reference
-    MAX_SERVICE_LEN = 255
-    MAX_KEY_LEN = 255
-    MAX_TIMEOUT_MS = 86400000
-    MAX_ATTEMPT = 255
-    MAX_STATUS = 255
-    MAX_TEXT_LEN = 1024
     FAST_TEXT = 1024                # longer strings in an encoder's arguments go to the reference
     PACK_BUF = 4 * FAST_TEXT + 128  # room for the largest header the fast encoders write
 
@@ -219,27 +213,33 @@ cdef inline object _text(const Item *it):
     return PyUnicode_DecodeUTF8(it.s, it.n, NULL)
 
 
+cdef bint request_items_ok(const Item *items, int count) noexcept:
+    """Whether the reference accepts these items as a REQUEST (every field's kind and range)."""
+    if count < 7 or items[0].kind != K_UINT or items[0].u != 1:
+        return False
+    if items[1].kind != K_UINT or items[1].u < 1:
+        return False
+    if items[2].kind != K_STR or items[2].n < 1 or items[2].n > MAX_SERVICE_LEN:
+        return False
+    if items[3].kind != K_UINT or items[3].u < 1 or items[3].u > MAX_TIMEOUT_MS:
+        return False
+    if items[4].kind != K_UINT or items[4].u > MAX_ATTEMPT:
+        return False
+    if items[5].kind != K_UINT or items[5].u > MAX_FLAGS:
+        return False
+    return items[6].kind == K_NIL or ((items[6].kind == K_BIN or items[6].kind == K_STR)
+                                      and items[6].n <= MAX_KEY_LEN)
+
+
 cdef object request_or_none(Item *items, int count):
     """The Request the reference returns for these items, or None where it would refuse them."""
-    if count < 7 or items[0].kind != K_UINT or items[0].u != 1:
-        return None
-    if items[1].kind != K_UINT or items[1].u < 1:
-        return None
-    if items[2].kind != K_STR or items[2].n < 1 or items[2].n > MAX_SERVICE_LEN:
-        return None
-    if items[3].kind != K_UINT or items[3].u < 1 or items[3].u > MAX_TIMEOUT_MS:
-        return None
-    if items[4].kind != K_UINT or items[4].u > MAX_ATTEMPT:
-        return None
-    if items[5].kind != K_UINT or items[5].u > MAX_FLAGS:
+    if not request_items_ok(items, count):
         return None
     cdef int kk = items[6].kind
     if kk == K_NIL:
         key = None
-    elif (kk == K_BIN or kk == K_STR) and items[6].n <= MAX_KEY_LEN:
-        key = PyBytes_FromStringAndSize(items[6].s, items[6].n) if kk == K_BIN else _text(&items[6])
     else:
-        return None
+        key = PyBytes_FromStringAndSize(items[6].s, items[6].n) if kk == K_BIN else _text(&items[6])
     return _tuple_new(_Request, (PyLong_FromUnsignedLongLong(items[1].u), _text(&items[2]), <long>items[3].u,
                                  <long>items[4].u, PyLong_FromUnsignedLongLong(items[5].u), key))
 
@@ -248,15 +248,20 @@ cdef inline bint _opt_text_ok(const Item *it) noexcept:
     return it.kind == K_NIL or (it.kind == K_STR and it.n <= MAX_TEXT_LEN)
 
 
+cdef bint reply_items_ok(const Item *items, int count) noexcept:
+    """Whether the reference accepts these items as a REPLY (every field's kind and range)."""
+    if count < 6 or items[0].kind != K_UINT or items[0].u != 2:
+        return False
+    if items[1].kind != K_UINT or items[2].kind != K_UINT or items[2].u > MAX_STATUS:
+        return False
+    if items[3].kind != K_UINT or items[3].u > MAX_FLAGS:
+        return False
+    return _opt_text_ok(&items[4]) and _opt_text_ok(&items[5])
+
+
 cdef object reply_or_none(Item *items, int count):
     """The Reply the reference returns for these items, or None where it would refuse them."""
-    if count < 6 or items[0].kind != K_UINT or items[0].u != 2:
-        return None
-    if items[1].kind != K_UINT or items[2].kind != K_UINT or items[2].u > MAX_STATUS:
-        return None
-    if items[3].kind != K_UINT or items[3].u > MAX_FLAGS:
-        return None
-    if not _opt_text_ok(&items[4]) or not _opt_text_ok(&items[5]):
+    if not reply_items_ok(items, count):
         return None
     message = None if items[4].kind == K_NIL else _text(&items[4])
     error_type = None if items[5].kind == K_NIL else _text(&items[5])

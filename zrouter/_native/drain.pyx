@@ -21,28 +21,15 @@ from libc.stdint cimport uint8_t
 from libc.string cimport memcmp
 
 from zrouter._native.codec cimport (
-    Item, K_BIN, K_NIL, K_STR, K_UINT, MAX_ITEMS, PARSE_OK, parse_header,
+    Item, K_NIL, MAX_HEADER_SIZE, MAX_ITEMS, PARSE_OK, parse_header, reply_items_ok, request_items_ok,
 )
-
-import zmq
 
 from zrouter import protocol as _p
 from zrouter._native.wire import recv_or_none as _recv
 
 __all__ = ["drain_replies", "drain_requests"]
 
-cdef enum:
-    NOBLOCK = 1
-    MAX_HEADER_SIZE = 8192
-    MAX_SERVICE_LEN = 255
-    MAX_KEY_LEN = 255
-    MAX_TIMEOUT_MS = 86400000
-    MAX_ATTEMPT = 255
-    MAX_STATUS = 255
-    MAX_TEXT_LEN = 1024
-
-assert _p.SIGNATURE == b"ZRT1" and int(zmq.NOBLOCK) == NOBLOCK
-assert _p.MAX_HEADER_SIZE == MAX_HEADER_SIZE and _p.MAX_TEXT_LEN == MAX_TEXT_LEN
+assert _p.SIGNATURE == b"ZRT1"
 
 cdef inline bint _is_sig(object frame):
     cdef Py_buffer view
@@ -80,14 +67,7 @@ def drain_requests(sock, int batch, Py_ssize_t max_size, request, other, failed,
             return False
         count = 0
         if (request is not None and len(frames) == 4 and _is_sig(frames[1])
-                and _header(frames[2], items, &count) == PARSE_OK and count >= 7 and items[0].kind == K_UINT and items[0].u == 1
-                and items[1].kind == K_UINT and items[1].u >= 1
-                and items[2].kind == K_STR and 1 <= items[2].n <= MAX_SERVICE_LEN
-                and items[3].kind == K_UINT and 1 <= items[3].u <= MAX_TIMEOUT_MS
-                and items[4].kind == K_UINT and items[4].u <= MAX_ATTEMPT
-                and items[5].kind == K_UINT and items[5].u <= 0xFFFFFFFFu
-                and (items[6].kind == K_NIL or ((items[6].kind == K_BIN or items[6].kind == K_STR)
-                                                and items[6].n <= MAX_KEY_LEN))
+                and _header(frames[2], items, &count) == PARSE_OK and request_items_ok(items, count)
                 and len(frames[3]) <= max_size):
             kk = items[6].kind
             key = None if kk == K_NIL else PyBytes_FromStringAndSize(items[6].s, items[6].n)
@@ -114,12 +94,7 @@ def drain_replies(sock, int batch, reply, other, failed, now):
             return False
         count = 0
         if (len(frames) == 4 and _is_sig(frames[1]) and _header(frames[2], items, &count) == PARSE_OK
-                and count >= 6 and items[0].kind == K_UINT and items[0].u == 2
-                and items[1].kind == K_UINT
-                and items[2].kind == K_UINT and items[2].u <= MAX_STATUS
-                and items[3].kind == K_UINT and items[3].u <= 0xFFFFFFFFu
-                and (items[4].kind == K_NIL or (items[4].kind == K_STR and items[4].n <= MAX_TEXT_LEN))
-                and (items[5].kind == K_NIL or (items[5].kind == K_STR and items[5].n <= MAX_TEXT_LEN))):
+                and reply_items_ok(items, count)):
             worker = frames[0].bytes
             rid = PyLong_FromUnsignedLongLong(items[1].u)
             try:
