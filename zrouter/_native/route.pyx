@@ -183,6 +183,8 @@ cdef class Route:
 
     def __init__(self, router, tuple bounds, double latency_alpha, unknown_reply):
         self.router = router
+        # Held rather than looked up per call: the router makes these once and never replaces
+        # them (its _slots it does replace, so that one is read per dispatch).
         self.services = router.services
         self.clients = router.clients
         self.workers = router.workers
