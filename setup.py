@@ -18,7 +18,7 @@ import sys
 
 from setuptools import Extension, setup
 
-MODULES = ["codec", "wire", "drain", "sets", "route"]
+MODULES = ["codec", "wire", "drain", "sets", "route", "client"]
 
 
 def extensions() -> list[Extension]:

@@ -39,6 +39,7 @@ from zrouter.protocol import (
     SIGNATURE,
     STATUS_OK,
     BadMessage,
+    Reply,
     check_frames,
     decode_payload,
     encode_payload,
@@ -165,6 +166,12 @@ class ClientCore:
         except BaseException:  # e.g. a malformed endpoint: do not leak the sockets made so far
             self._brokers.close_all()
             raise
+        if _NATIVE:
+            # The per-request common path, compiled (zrouter/_native/client.pyx); it hands every
+            # other case back to the methods it shadows, passed here bound.
+            path = _speedups.load_native("client").ClientPath(self, self.start, self.handle_reply)
+            self.start, self.handle_reply, self._drain = (  # type: ignore[method-assign]
+                path.start, path.handle_reply, path.drain)
 
     # -- brokers ------------------------------------------------------------------------------
 
@@ -311,21 +318,26 @@ class ClientCore:
         try:
             send_frames(conn.sock, frames, NOBLOCK)
         except zmq.Again:
-            # Disconnected a moment ago (its event is on the way): try the others.
-            for other in brokers.up:
-                if other is conn or not brokers.has_room(other, size):
-                    continue
-                try:
-                    send_frames(other.sock, frames, NOBLOCK)
-                except zmq.Again:
-                    continue
-                conn = other
-                break
-            else:
+            conn = self._send_elsewhere(conn, frames, size)
+            if conn is None:
                 return None
         entry.conn = conn
         brokers.take(conn, size)
         return conn
+
+    def _send_elsewhere(self, refused: BrokerConn, frames: tuple[bytes, bytes, Any], size: int) -> BrokerConn | None:
+        """``refused`` did not take ``frames`` (disconnected a moment ago, its event on the way):
+        the first other connection with room that does, or None."""
+        brokers = self._brokers
+        for other in brokers.up:
+            if other is refused or not brokers.has_room(other, size):
+                continue
+            try:
+                send_frames(other.sock, frames, NOBLOCK)
+            except zmq.Again:
+                continue
+            return other
+        return None
 
     def cancel(self, entry: Entry) -> None:
         """Forget ``entry`` (its waiter gave up); a reply that still comes is dropped."""
@@ -400,6 +412,11 @@ class ClientCore:
         if conn is not None:
             entry.conn = None
             self._brokers.release(conn, entry.size)
+        self._settle_reply(entry, reply, frames)
+
+    def _settle_reply(self, entry: Entry, reply: Reply, frames: Sequence[zmq.Frame]) -> None:
+        """Settle ``entry`` (taken out of the pending table) with ``reply``: its value, or the
+        error its status or payload means."""
         try:
             if reply.status != STATUS_OK:
                 entry._settle(None, error_for_status(reply.status, reply.message, reply.error_type))

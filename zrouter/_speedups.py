@@ -56,7 +56,7 @@ __all__ = [
 log = logging.getLogger("zrouter")
 
 PURE_ENV: Final = "ZROUTER_PURE"
-_MODULES: Final = ("codec", "wire", "drain", "sets", "route")
+_MODULES: Final = ("codec", "wire", "drain", "sets", "route", "client")
 
 
 def load_native(name: str) -> ModuleType:
