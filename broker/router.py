@@ -3,7 +3,10 @@
 Every method takes ``now`` (a monotonic time in seconds) and sends through a ``Sink``, so the
 whole life of a request (credits, requeue when a worker is lost, deadlines, the unknown-service
 grace period, drains) is unit-tested without sockets or sleeps. ``zrouter.broker.server`` feeds it from
-the ZeroMQ sockets.
+the ZeroMQ sockets. The request path is here; the router's clock (heartbeats, deadlines,
+slow-start ramps) is mixed in from ``router_timers``, its control surface (authorization,
+health, operator actions, shutdown) from ``router_admin``, and the types they share are in
+``router_types``.
 
 Invariants the tests check:
 - a worker never holds more than its capacity;
@@ -14,19 +17,20 @@ Invariants the tests check:
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import random
 from bisect import bisect_left
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import msgpack
 
 from zrouter.broker.policies.base import make_policy
-from zrouter.broker.slow_start import slow_credit, slow_weight, starts_slow
+from zrouter.broker.router_admin import Admin
+from zrouter.broker.router_timers import Timers
+from zrouter.broker.router_types import HELD_SLACK, SLOTS_PER_S, Access, Refused, Sink, Stats
+from zrouter.broker.slow_start import starts_slow
 from zrouter.broker.counters import BOUNDS, LATENCY_ALPHA, MAX_SERVICES, OTHER_SERVICE, ServiceStats
 from zrouter.broker.state import ServiceQueue
 from zrouter.broker.state import DONE, INFLIGHT, ClientLoad, Request, Service, WorkerState
@@ -50,66 +54,11 @@ _OVERLOADED: Final = protocol.STATUS_OVERLOADED
 # keeps the whole buffer. A payload this small that has to wait in a queue is copied out first,
 # so a queued request costs its own size, not the buffer's.
 _COMPACT_BELOW: Final = 8192
-# Requests workers hold are filed by deadline in slots of 1/_SLOTS_PER_S seconds (a slot is a
-# list: filing costs an append, not a heap operation per request); a slot is looked at once its
-# end has passed, so the broker answers a held request at most 1/_SLOTS_PER_S s after its
-# deadline. Entries of requests answered since are skipped then; when they outnumber live ones
-# by more than _HELD_SLACK, the slots are rebuilt from what workers hold.
-_SLOTS_PER_S: Final = 100.0
-_HELD_SLACK: Final = 1024
+_SLOTS_PER_S: Final = SLOTS_PER_S  # deadline slots of held requests: see router_types
+_HELD_SLACK: Final = HELD_SLACK
 
 
-class Refused(Exception):
-    """A READY the broker will not register. The text is the DISCONNECT reason to send back (in
-    the protocol's words, never quoting more than a bounded field); ``kind`` labels the refusal
-    for the bad-message counters (None: not the peer's fault, e.g. the broker is stopping)."""
-
-    def __init__(self, kind: str | None, text: str) -> None:
-        super().__init__(text)
-        self.kind = kind
-
-
-class Sink(Protocol):
-    """Where the router's messages go. ``to_worker`` returns False if the worker is unreachable."""
-
-    def to_worker(self, ident: bytes, header: bytes, payload: Any) -> bool: ...
-
-    def to_client(self, client: bytes, header: bytes, payload: Any) -> None: ...
-
-
-class Access(Protocol):
-    """Which services a worker's CURVE key may serve (``zrouter.broker.auth.Keyring``).
-
-    ``key`` is the connection's User-Id as ZAP set it (its Z85 public key); the answer is the
-    reason for a refusal, or None when allowed."""
-
-    def worker_refusal(self, key: str | None, service: str) -> str | None: ...
-
-
-@dataclass(slots=True)
-class Stats:
-    """Counters for logs and metrics; plain ints so the hot path pays one add."""
-
-    accepted: int = 0
-    replied: int = 0
-    requeued: int = 0
-    lost: int = 0
-    timeouts: int = 0
-    unavailable: int = 0
-    overloaded: int = 0
-    late: int = 0
-    bad: int = 0
-    forbidden: int = 0  # requests and READYs refused by key (CURVE brokers)
-    undeliverable: int = 0  # replies ZeroMQ would not queue: the client is gone or reads nothing
-    unread_overflow: int = 0  # replies replaced by TOO_LARGE: the client's unread bytes are at the bound
-    workers_joined: int = 0
-    workers_left: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-
-class Router:
+class Router(Timers, Admin):
     """Workers, services and in-flight requests of one broker."""
 
     def __init__(
@@ -155,7 +104,7 @@ class Router:
         self.max_worker_bytes = max_worker_bytes
         self.clients: dict[bytes, ClientLoad] = {}  # client routing id -> what it has here
         # Every request a worker holds, by deadline slot: at the deadline the broker answers
-        # TIMEOUT itself. Slot numbers in a heap, slots in a dict (see _SLOTS_PER_S).
+        # TIMEOUT itself. Slot numbers in a heap, slots in a dict (see router_types.SLOTS_PER_S).
         self._slots: dict[int, list[Request]] = {}
         self._slot_heap: list[int] = []
         self._slotted = 0  # entries in all slots, live or stale
@@ -443,40 +392,6 @@ class Router:
             return ready.heartbeat_ms / 1000.0
         return self.liveness_timeout / self.liveness
 
-    def _schedule_beat(self, w: WorkerState, at: float) -> None:
-        w.beat_at = at
-        beats = self._beats
-        heapq.heappush(beats, (at, next(self._beat_seq), w))
-        if len(beats) > 2 * len(self.workers) + 64:  # READY/leave churn: shed the stale entries
-            live = [(x.beat_at, next(self._beat_seq), x) for x in self.workers.values()]
-            heapq.heapify(live)
-            self._beats = live
-
-    def next_heartbeat(self) -> float | None:
-        """When the next heartbeat to a worker is due (for the poll timeout); None: no workers."""
-        beats = self._beats
-        workers = self.workers
-        while beats:
-            at, _, w = beats[0]
-            if workers.get(w.ident) is w and w.beat_at == at:
-                return at
-            heapq.heappop(beats)
-        return None
-
-    def send_heartbeats(self, now: float) -> None:
-        """HEARTBEAT every worker whose interval is up (each at its own interval)."""
-        beats = self._beats
-        workers = self.workers
-        while beats and beats[0][0] <= now:
-            at, _, w = heapq.heappop(beats)
-            if workers.get(w.ident) is not w or w.beat_at != at:
-                continue
-            if not self.sink.to_worker(w.ident, _HEARTBEAT, None):
-                self.remove_worker(w, "unreachable", now)
-                continue
-            nxt = at + w.heartbeat
-            self._schedule_beat(w, nxt if nxt > now else now + w.heartbeat)
-
     def seen(self, ident: bytes, now: float) -> WorkerState | None:
         """Any message from a worker proves it alive; None if we do not know it."""
         w = self.workers.get(ident)
@@ -550,28 +465,6 @@ class Router:
         if svc.queue:
             self._pump(svc, now)
 
-    def worker_drain(self, w: WorkerState, now: float) -> None:
-        """The worker is leaving: no new work; what it holds may finish. Acknowledged so the
-        worker knows nothing more is on its way."""
-        if not w.draining:
-            log.info("worker %s is draining (%d in flight)", w.instance, w.outstanding,
-                     extra={"service": w.service.name, "instance": w.instance})
-        w.draining = True
-        self._refresh(w)
-        self._grace_if_unserved(w.service, now)
-        self.sink.to_worker(w.ident, _DRAIN, None)
-
-    def worker_update(self, w: WorkerState, capacity: int, weight: int, now: float) -> None:
-        w.capacity = capacity
-        self._limit(w)
-        w.base_weight = weight
-        if isinstance(w.declared, protocol.Ready):
-            w.declared = w.declared._replace(capacity=capacity, weight=weight)
-        self._apply_weight(w, now)
-        self._refresh(w)
-        self._grace_if_unserved(w.service, now)
-        self._pump(w.service, now)
-
     def _grace_if_unserved(self, svc: Service, now: float) -> None:
         """With no routable worker left, the queued requests get the grace period a new
         request would: answered together (UNAVAILABLE) when it ends if nobody came back, like
@@ -626,256 +519,6 @@ class Router:
                  w.instance, svc.name, reason, requeued, len(held) - requeued,
                  extra={"service": svc.name, "instance": w.instance})
         self._pump(svc, now)
-
-    # -- authorization (CURVE brokers) ------------------------------------------------------
-
-    def admit_worker(self, ident: bytes, user_id: str | None, service: str, now: float) -> bool:
-        """May the worker whose key is ``user_id`` register for ``service``? If not, it gets
-        DISCONNECT with the reason, and what it held on this connection is taken back."""
-        access = self.access
-        if access is None:
-            return True
-        why = access.worker_refusal(user_id, service)
-        if why is None:
-            return True
-        self.stats.forbidden += 1
-        old = self.workers.get(ident)
-        if old is not None:
-            self.remove_worker(old, why, now)
-        self.sink.to_worker(ident, protocol.encode_disconnect(why), None)
-        return False
-
-    def recheck_workers(self, now: float) -> int:
-        """After the keys changed (SIGHUP): every worker whose key no longer allows its service
-        is removed (what it held is requeued or failed, as for a lost worker) and told
-        DISCONNECT with the reason. Returns how many."""
-        access = self.access
-        if access is None:
-            return 0
-        n = 0
-        for ident, user_id in list(self.worker_keys.items()):
-            w = self.workers.get(ident)
-            if w is None:
-                continue
-            why = access.worker_refusal(user_id, w.service.name)
-            if why is not None:
-                self.remove_worker(w, f"key revoked: {why}", now)
-                self.sink.to_worker(ident, protocol.encode_disconnect(why), None)
-                n += 1
-        return n
-
-    def forbid(self, client: bytes, crid: int, service: str, why: str) -> None:
-        """Answer a request its client's key may not make: FORBIDDEN, counted (also per service)."""
-        self.stats.forbidden += 1
-        self.count_status(service, protocol.STATUS_FORBIDDEN)
-        self.answer(client, crid, protocol.STATUS_FORBIDDEN, why)
-
-    # -- health from outside (Consul) -------------------------------------------------------
-
-    def set_health(self, w: WorkerState, healthy: bool, weight: float | None, now: float) -> None:
-        """Consul's view of one worker: ``healthy`` False drains it (no new work, held requests
-        finish); ``weight`` overrides the declared weight (None: no opinion)."""
-        changed = w.healthy != healthy or w.health_weight != weight
-        w.healthy = healthy
-        w.health_weight = weight
-        if changed and w.admin_weight is not None:
-            # Consul is the source of truth: a new verdict there replaces an operator's override.
-            log.info("worker %s: Consul's new verdict replaces the weight %g set by an operator",
-                     w.instance, w.admin_weight, extra={"service": w.service.name, "instance": w.instance})
-            w.admin_weight = None
-        if changed:
-            self._apply_weight(w, now)
-            self._refresh(w)
-            self._pump(w.service, now)
-
-    # -- operator actions (the broker's admin HTTP API) ----------------------------------------
-
-    def drain_worker(self, instance: str, now: float) -> WorkerState | None:
-        """Give worker ``instance`` no new work; what it holds finishes. It stays connected (it
-        did not ask to leave, so it gets no DRAIN) until it reconnects or stops. None: unknown."""
-        w = self.by_instance.get(instance)
-        if w is None:
-            return None
-        if not w.draining:
-            log.info("worker %s drained by an operator (%d in flight)", w.instance, w.outstanding,
-                     extra={"service": w.service.name, "instance": w.instance})
-        w.draining = True
-        self._refresh(w)
-        return w
-
-    def set_worker_weight(self, instance: str, weight: float, now: float) -> WorkerState | None:
-        """Override worker ``instance``'s weight (>= 0; 0 takes it out of rotation) until it
-        reconnects or Consul's verdict on it changes. None: unknown instance."""
-        if not weight >= 0:
-            raise ValueError(f"weight must be a number >= 0, got {weight!r}")
-        w = self.by_instance.get(instance)
-        if w is None:
-            return None
-        w.admin_weight = float(weight)
-        self._apply_weight(w, now)
-        self._refresh(w)
-        self._pump(w.service, now)
-        return w
-
-    def set_service_policy(self, service: str, policy: str, now: float) -> Service | None:
-        """Switch ``service`` to dispatch policy ``policy`` now (ValueError: no such policy),
-        and for the rest of this broker's life. None: no such service here."""
-        svc = self.services.get(service)
-        if svc is None:
-            return None
-        new = make_policy(policy, self.rng)
-        for w in svc.workers.values():
-            if w.in_policy:
-                new.add(w)
-        svc.policy = new
-        self.service_policies[service] = policy
-        self._pump(svc, now)
-        return svc
-
-    def _apply_weight(self, w: WorkerState, now: float) -> None:
-        """Effective weight and credits: what was declared, Consul's say, then slow start."""
-        weight = w.effective_weight()
-        credit = w.capacity
-        if w.slow_window:
-            elapsed = now - w.joined_at
-            if elapsed < w.slow_window:
-                weight = slow_weight(weight, elapsed, w.slow_window)
-                credit = slow_credit(credit, elapsed, w.slow_window)
-            else:
-                w.slow_window = 0.0
-                if self._ramping.get(w.ident) is w:
-                    del self._ramping[w.ident]
-        w.weight = weight
-        w.credit = credit
-
-    def _refresh(self, w: WorkerState) -> None:
-        """Bring the policy's membership and the service's routable count up to date."""
-        svc = w.service
-        routable = w.routable()
-        if routable != w.counted:
-            svc.n_routable += 1 if routable else -1
-            w.counted = routable
-        if routable and w.has_credit():
-            if w.in_policy:
-                svc.policy.changed(w)
-            else:
-                svc.policy.add(w)
-                w.in_policy = True
-        elif w.in_policy:
-            svc.policy.remove(w)
-            w.in_policy = False
-
-    # -- time -------------------------------------------------------------------------------
-
-    def tick(self, now: float, heartbeat: bool = True) -> None:
-        """Expire queued requests and silent workers (each judged by its own interval); send the
-        heartbeats that are due when asked."""
-        for w in [w for w in self.workers.values() if now - w.last_seen > w.silence_limit]:
-            self.remove_worker(w, f"no heartbeat for {now - w.last_seen:.1f}s", now)
-        if heartbeat:
-            self.send_heartbeats(now)
-        self.expire(now)
-        self._ramp(now)
-        for name in [n for n, s in self.services.items() if not s.workers and not s.queue
-                     and now - s.created_at > self.grace]:
-            del self.services[name]  # a typo'd service name must not live forever
-        for client in [c for c, load in self.clients.items() if not load.requests]:
-            del self.clients[client]  # swept here, not per reply: cheaper for one-at-a-time clients
-
-    def _ramp(self, now: float) -> None:
-        """Move the workers in slow start along their ramp (more credit may free queued work)."""
-        for w in list(self._ramping.values()):
-            if self._ramping.get(w.ident) is not w:
-                continue  # removed by an earlier worker's pump (unreachable)
-            self._apply_weight(w, now)
-            self._refresh(w)
-            if w.service.queue:
-                self._pump(w.service, now)
-
-    def expire(self, now: float) -> None:
-        """Answer what is due: queued requests past their deadline (TIMEOUT) or grace period
-        (UNAVAILABLE), and requests workers hold past their deadline (TIMEOUT: the payload is
-        freed now; the worker's credit stays taken until it replies, late, or is lost)."""
-        for svc in self.services.values():
-            if svc.queue:
-                for req, status in svc.queue.expire(now, unavailable=not svc.n_routable):
-                    if status == protocol.STATUS_UNAVAILABLE:
-                        text = f"no worker serves service {svc.name}"
-                    else:
-                        text = "deadline passed while queued"
-                    self._fail(req, status, text, now)
-        heap = self._slot_heap
-        due = now * _SLOTS_PER_S
-        while heap and heap[0] <= due:
-            entries = self._slots.pop(heapq.heappop(heap))
-            self._slotted -= len(entries)
-            for req in entries:
-                w = req.worker
-                if req.state != INFLIGHT or w is None:
-                    continue  # answered since (a request requeued and sent again is filed again)
-                w.inflight.pop(req.rid, None)
-                w.expired[req.rid] = req.size
-                self._fail(req, protocol.STATUS_TIMEOUT, "deadline passed while a worker held the request", now)
-
-    def _new_slot(self, slot: int) -> list[Request]:
-        if self._slotted > 2 * self.n_inflight + _HELD_SLACK:
-            self._refile()
-            entries = self._slots.get(slot)
-            if entries is not None:
-                return entries
-        entries = self._slots[slot] = []
-        heapq.heappush(self._slot_heap, slot)
-        return entries
-
-    def _refile(self) -> None:
-        """Rebuild the deadline slots from what workers hold, dropping answered entries."""
-        slots: dict[int, list[Request]] = {}
-        for w in self.workers.values():
-            for req in w.inflight.values():
-                slots.setdefault(int(req.deadline * _SLOTS_PER_S) + 1, []).append(req)
-        self._slots = slots
-        self._slot_heap = list(slots)
-        heapq.heapify(self._slot_heap)
-        self._slotted = sum(len(entries) for entries in slots.values())
-
-    def next_timer(self) -> float | None:
-        if self._slotted > 2 * self.n_inflight + _HELD_SLACK:
-            self._refile()  # a burst within one slot: rebuilt here, once per turn of the loop
-        heap = self._slot_heap
-        soonest: float | None = heap[0] / _SLOTS_PER_S if heap else None
-        for svc in self.services.values():
-            if svc.queue:
-                t = svc.queue.next_timer()
-                if t is not None and (soonest is None or t < soonest):
-                    soonest = t
-        return soonest
-
-    def shutdown(self, now: float = 0.0) -> None:
-        """Stop accepting; answer every queued request (nothing will serve it here); tell the
-        idle workers DISCONNECT "shutting down" so they reconnect (with back-off) at once rather
-        than after ``liveness`` intervals of silence. Workers still holding requests are told by
-        :meth:`disconnect_all` once those are answered; new READYs are refused meanwhile."""
-        self.accepting = False
-        for svc in self.services.values():
-            for req in svc.queue.drain_all():
-                self._fail(req, protocol.STATUS_UNAVAILABLE, "broker is shutting down")
-        for w in [w for w in self.workers.values() if not w.outstanding]:
-            self.sink.to_worker(w.ident, _SHUTTING_DOWN, None)
-            self.remove_worker(w, "broker shutting down", now)
-
-    def disconnect_all(self) -> None:
-        """At exit: DISCONNECT "shutting down" to every worker still registered."""
-        for w in self.workers.values():
-            self.sink.to_worker(w.ident, _SHUTTING_DOWN, None)
-
-    def abandon_inflight(self) -> None:
-        """At exit: whatever workers still hold gets "outcome unknown"."""
-        for w in list(self.workers.values()):
-            for req in list(w.inflight.values()):
-                self._fail(req, protocol.STATUS_WORKER_LOST, "broker stopped before the worker replied; outcome unknown")
-            w.inflight.clear()
-            self.n_inflight -= w.outstanding
-            w.outstanding = 0
 
     def inflight_count(self) -> int:
         return self.n_inflight

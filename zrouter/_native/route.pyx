@@ -26,7 +26,7 @@ from zrouter._native.codec import encode_request as _encode_request
 
 __all__ = ["ClientLoad", "Request", "Route", "SLOTS_PER_S", "STATES", "Service", "WorkerState", "set_stats_factory"]
 
-# Router's request states and deadline slots (zrouter/broker/state.py, router.py: tests/native
+# Router's request states and deadline slots (zrouter/broker/state.py, router_types.py: tests/native
 # checks they agree).
 cdef enum:
     QUEUED = 1
