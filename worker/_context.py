@@ -15,7 +15,7 @@ context for coroutine handlers), so it is always the request *this* call is serv
 from __future__ import annotations
 
 from contextvars import ContextVar
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = ["RequestInfo", "current_request"]
 
@@ -36,9 +36,16 @@ class RequestInfo(NamedTuple):
     instance_id: str
 
 
-_current: ContextVar[RequestInfo | None] = ContextVar("zrouter_worker_request", default=None)
+# (job, instance_id) around each handler call: the RequestInfo is built only when a handler asks
+# for it, so the many handlers that never do pay no tuple per request. ``job`` is
+# zrouter.worker._handlers.Job (rid, service, attempt, deadline among its fields).
+_current: ContextVar[tuple[Any, str] | None] = ContextVar("zrouter_worker_request", default=None)
 
 
 def current_request() -> RequestInfo | None:
     """The request the calling handler is serving, or ``None`` outside a handler."""
-    return _current.get()
+    cur = _current.get()
+    if cur is None:
+        return None
+    job, instance_id = cur
+    return RequestInfo(job.rid, job.service, job.attempt, job.deadline, instance_id)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from zrouter.errors import ProtocolError
 from zrouter.protocol import (
+    FLAG_MSGPACK,
     STATUS_BAD_REQUEST,
     STATUS_OK,
     STATUS_REMOTE_ERROR,
@@ -30,7 +31,7 @@ from zrouter.protocol import (
 )
 from zrouter._speedups import encode_reply  # compiled when built, else zrouter.protocol's
 
-from ._context import RequestInfo, _current
+from ._context import _current
 
 if TYPE_CHECKING:
     import zmq
@@ -42,7 +43,6 @@ __all__ = ["Abandon", "Answer", "AsyncRunner", "Job", "Runner", "SyncPool", "res
 log = logging.getLogger("zrouter.worker")
 
 _EMPTY: Final = b""
-_new: Final = tuple.__new__  # builds a NamedTuple without its Python-level __new__: hot path
 
 
 class Job(NamedTuple):
@@ -125,9 +125,17 @@ def respond(job: Job, handler: Callable[[Any], Any], instance_id: str) -> tuple[
     Every failure is a reply: an undecodable payload BAD_REQUEST, anything the handler raises
     (``BaseException`` too: the worker must go on) or a result that does not encode
     REMOTE_ERROR. Only :class:`Abandon` propagates."""
-    token = _current.set(_new(RequestInfo, (job.rid, job.service, job.attempt, job.deadline, instance_id)))
+    token = _current.set((job, instance_id))
     try:
-        return _result_reply(job.rid, handler(_argument(job)))
+        if job.flags & FLAG_MSGPACK:
+            arg = _argument(job)
+        else:  # _argument's raw case, without its two calls
+            frame = job.frame
+            arg = _EMPTY if frame is None else frame.bytes
+        result = handler(arg)
+        if type(result) is bytes:  # _result_reply's raw case
+            return encode_reply(job.rid, STATUS_OK, 0), result
+        return _result_reply(job.rid, result)
     except Abandon:
         raise
     except BaseException as exc:
@@ -138,7 +146,7 @@ def respond(job: Job, handler: Callable[[Any], Any], instance_id: str) -> tuple[
 
 async def respond_async(job: Job, handler: Callable[[Any], Awaitable[Any]], instance_id: str) -> tuple[bytes, Any]:
     """:func:`respond` for a coroutine handler, in the task that awaits it."""
-    _current.set(RequestInfo(job.rid, job.service, job.attempt, job.deadline, instance_id))  # task-local
+    _current.set((job, instance_id))  # task-local
     try:
         return _result_reply(job.rid, await handler(_argument(job)))
     except BaseException as exc:
