@@ -4,7 +4,8 @@ Hot path, per request: one header decode from the client, one header encode to t
 payload frame passed along untouched (never decoded, never copied), and the same on the way
 back. Sockets are drained in batches after each poll. A worker killed outright is noticed at
 once through the back end's socket monitor (the TCP connection closing), not only when its
-heartbeats stop.
+heartbeats stop. What the loop does with each message the fast path does not take (control
+traffic, bad input, failures) is mixed in from ``inbound``; the settings are in ``config``.
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from zrouter.broker.router import Refused, Router, routes
+from zrouter.broker.config import BrokerConfig
+from zrouter.broker.inbound import (
+    LOG_ALL_BURST, LOG_ALL_RATE, LOG_PEER_BURST, LOG_PEER_EVERY, PACED_PEERS, Inbound, peer_label,
+)
+from zrouter.broker.router import Router, routes
 from zrouter.broker.unread import UnreadReplies
 
 if TYPE_CHECKING:
@@ -35,7 +39,7 @@ from zrouter.curve import EVENT_HANDSHAKE_FAILED
 from zrouter.ratelimit import RateLimiter
 from zrouter.transport import NOBLOCK
 # The per-message codec and socket calls: compiled when built, else zrouter.protocol/transport.
-from zrouter._speedups import decode_request, decode_worker_message, drain_replies, drain_requests, send_frames
+from zrouter._speedups import drain_replies, drain_requests, send_frames
 
 __all__ = ["Broker", "BrokerConfig"]
 
@@ -44,8 +48,6 @@ log = logging.getLogger("zrouter.broker")
 # Messages taken from one socket before looking at the other: large enough to amortise the
 # poll, small enough that replies are not starved by a flood of requests.
 BATCH: Final = 256
-# How long a stopping broker waits for workers to answer what they hold.
-SHUTDOWN_GRACE: Final = 5.0
 # With nothing in flight or queued, worker messages are only control traffic; reading them at
 # most this often batches the heartbeats of many idle workers into one wake-up (at 1,000
 # workers, a wake-up per heartbeat cost more than the heartbeats). New requests never wait:
@@ -58,82 +60,10 @@ IDLE_BACKEND_PERIOD: Final = 0.02
 READ_AHEAD: Final = 128
 
 _SIG: Final = protocol.SIGNATURE
-_REQUEST: Final = protocol.REQUEST
-_REPLY: Final = protocol.REPLY
-_HEARTBEAT: Final = protocol.HEARTBEAT
-_HEARTBEAT_HEADER: Final = protocol.encode_heartbeat()
-_READY: Final = protocol.READY
-_DRAIN: Final = protocol.DRAIN
-_DISCONNECT: Final = protocol.DISCONNECT
-_UPDATE: Final = protocol.UPDATE
 _unpackb: Callable[..., Any] = msgpack.unpackb
-_SRCFD: Final = int(zmq.SRCFD)
-
-# Hostile input (docs/protocol.md, "Limits"): the ports, as the bad-message counters name them,
-# and the pace of what a peer can make the broker log: per peer a few lines at once, then one
-# every LOG_PEER_EVERY seconds; over all peers LOG_ALL_RATE a second. The buckets are bounded
-# (PACED_PEERS), so are the DISCONNECTs to peers the broker does not know (one per heartbeat
-# interval each, docs/protocol.md "DISCONNECT").
-FRONTEND: Final = "frontend"
-BACKEND: Final = "backend"
-LOG_PEER_BURST: Final = 3
-LOG_PEER_EVERY: Final = 10.0
-LOG_ALL_BURST: Final = 50
-LOG_ALL_RATE: Final = 5.0
-PACED_PEERS: Final = 10_000
 
 
-@dataclass
-class BrokerConfig:
-    frontend: str = "tcp://127.0.0.1:5555"
-    backend: str = "tcp://127.0.0.1:5556"
-    heartbeat_interval: float = 1.0
-    liveness: int = 3
-    default_policy: str = "least-outstanding"
-    service_policies: dict[str, str] = field(default_factory=dict)
-    max_queue: int = 10_000
-    max_attempts: int = 3
-    grace: float = 1.0
-    max_message_size: int = limits.MAX_MESSAGE_SIZE
-    # Memory bounds (zrouter/limits.py and README.md say what each one holds).
-    max_services: int = limits.MAX_SERVICES
-    max_client_requests: int = limits.MAX_CLIENT_REQUESTS
-    max_client_bytes: int = limits.MAX_CLIENT_BYTES
-    max_client_unread: int = limits.MAX_CLIENT_UNREAD
-    max_client_unread_bytes: int = limits.MAX_CLIENT_UNREAD_BYTES
-    max_capacity: int = limits.MAX_CAPACITY
-    max_worker_bytes: int = limits.MAX_WORKER_BYTES
-    shutdown_grace: float = SHUTDOWN_GRACE
-    stats_interval: float = 30.0
-    consul: str | None = None  # address of a Consul agent; None: the embedded registry only
-    consul_token: str | None = None
-    broker_service: str = "zrouter-broker"
-    advertise_frontend: str | None = None
-    advertise_backend: str | None = None
-    slow_start: float = 0.0  # seconds over which a new worker's weight and credits ramp up; 0 = off
-    service_slow_start: dict[str, float] = field(default_factory=dict)
-    http: str | None = None  # HOST:PORT for metrics, status, dashboard and admin (None: no HTTP)
-    admin_token: str | None = None  # enables the admin actions on the HTTP side
-    # CURVE (broker/auth.py): this broker's .key_secret file turns it on for both sockets.
-    curve_secret_key: str | None = None
-    worker_keys: str | None = None  # directory of allowed workers' public .key files
-    client_keys: str | None = None  # the same for clients; None: any client key but a worker's
-
-    def check(self) -> None:
-        """Raise ValueError for bounds that contradict each other (a payload the size limit
-        allows must fit in a client's bounds, or it could never be served)."""
-        for name in ("max_message_size", "max_services", "max_client_requests", "max_client_bytes",
-                     "max_client_unread", "max_client_unread_bytes", "max_capacity", "max_worker_bytes",
-                     "max_queue"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        for name in ("max_client_bytes", "max_client_unread_bytes"):
-            if getattr(self, name) < self.max_message_size:
-                raise ValueError(f"{name} ({getattr(self, name)}) must be at least max_message_size "
-                                 f"({self.max_message_size})")
-
-
-class Broker:
+class Broker(Inbound):
     """One broker. ``run()`` blocks; ``stop()`` may be called from any thread or a signal handler."""
 
     def __init__(self, config: BrokerConfig, context: zmq.Context[Any] | None = None) -> None:
@@ -342,7 +272,7 @@ class Broker:
             why = "its connection is gone"
         else:
             why = f"it has {self.config.max_client_unread} replies unread (--max-client-unread)"
-        log.warning("reply to client %s dropped: %s [%d more since the last such line]", _peer(client), why,
+        log.warning("reply to client %s dropped: %s [%d more since the last such line]", peer_label(client), why,
                     refused)
 
     def _overflow(self, client: bytes, header: bytes, size: int) -> tuple[bytes, bytes, int]:
@@ -354,7 +284,7 @@ class Broker:
         refused = self._reply_log.take("overflow", time.monotonic())
         if refused is not None:
             log.warning("reply of %d bytes to client %s replaced by TOO_LARGE: %d bytes unread "
-                        "(--max-client-unread-bytes %d) [%d more since the last such line]", size, _peer(client),
+                        "(--max-client-unread-bytes %d) [%d more since the last such line]", size, peer_label(client),
                         unread, limit, refused)
         text = (f"the request was served, but its reply ({size} bytes) was dropped: {unread} bytes of replies "
                 f"to this client are still unread (--max-client-unread-bytes {limit})")
@@ -502,146 +432,6 @@ class Broker:
         reply = self._on_reply if self._routes is None else self._routes[1]
         return drain_replies(self.back, BATCH, reply, self._on_worker_frames, self._reply_failed, now)
 
-    def _on_worker_frames(self, frames: list[zmq.Frame], now: float) -> None:
-        try:
-            self._on_worker_message(frames, now)
-        except protocol.BadMessage as exc:
-            self._bad_worker_message(frames[0].bytes, exc, now)
-        except Exception:  # a bug met by this one message: it alone fails
-            self._message_failed(BACKEND, frames[0].bytes, 0, now)
-
-    def _reply_failed(self, ident: bytes, rid: int, now: float) -> None:
-        """_on_reply raised (called by the compiled drain from its except clause)."""
-        self._message_failed(BACKEND, ident, 0, now)
-
-    def _on_reply(self, ident: bytes, rid: int, status: int, flags: int, message: str | None,
-                  error_type: str | None, payload: Any, now: float) -> None:
-        """A well-formed REPLY, decoded (by drain_replies: compiled, or _on_worker_message)."""
-        router = self.router
-        w = router.workers.get(ident)
-        if w is None:
-            self._unknown_worker(ident, "REPLY", now)
-            return
-        w.last_seen = now
-        router.worker_reply(w, rid, status, flags, message, error_type, payload, now)
-
-    def _on_worker_message(self, frames: list[zmq.Frame], now: float) -> None:
-        router = self.router
-        ident = frames[0].bytes
-        w = router.workers.get(ident)
-        if w is not None:
-            w.last_seen = now
-        if len(frames) == 3 and frames[2].bytes == _HEARTBEAT_HEADER and frames[1].bytes == _SIG:
-            if w is None:  # skip msgpack for the most common message of an idle broker
-                self._unknown_worker(ident, "HEARTBEAT", now)
-            return
-        protocol.check_frames(frames, 1)
-        msg = decode_worker_message(frames[2].buffer)
-        protocol.check_payload_count(msg, frames, 1)
-        kind = type(msg)
-        if kind is protocol.Reply:
-            r: protocol.Reply = msg  # type: ignore[assignment]
-            self._on_reply(ident, r.rid, r.status, r.flags, r.message, r.error_type, frames[3], now)
-        elif kind is protocol.Heartbeat:
-            if w is None:
-                self._unknown_worker(ident, "HEARTBEAT", now)
-        elif kind is protocol.Ready:
-            ready: protocol.Ready = msg  # type: ignore[assignment]
-            user_id = None
-            if self.auth is not None:  # CURVE: the worker's public key, as ZAP vouched for it
-                user_id = str(frames[0].get("User-Id"))
-                if not router.admit_worker(ident, user_id, ready.service, now):
-                    return
-            # Events queued before this connection's first message belong to older connections
-            # (maybe on this same fd number): handle them first so they cannot hit this worker.
-            self._drain_monitor(now)
-            fd = frames[0].get(_SRCFD)
-            try:
-                router.worker_ready(ident, ready, now, fd, user_id)
-            except Refused as exc:
-                if exc.kind is not None:
-                    router.count_bad(BACKEND, exc.kind)
-                    self._log_paced(ident, BACKEND, logging.WARNING, "READY refused from worker %s: %s",
-                                    _peer(ident), exc)
-                self._disconnect(ident, f"READY refused: {exc}", now)
-                return
-            self._fd_worker[fd] = ident
-        elif w is None:
-            self._unknown_worker(ident, kind.__name__.upper(), now)
-        elif kind is protocol.Drain:
-            router.worker_drain(w, now)
-        elif kind is protocol.Disconnect:
-            reason = msg.reason or ""  # type: ignore[union-attr]
-            router.remove_worker(w, f"said goodbye ({reason[:80]})", now)
-            if self._fd_worker.get(w.fd) == ident:
-                del self._fd_worker[w.fd]
-        elif kind is protocol.Update:
-            u: protocol.Update = msg  # type: ignore[assignment]
-            router.worker_update(w, u.capacity, u.weight, now)
-
-    def _unknown_worker(self, ident: bytes, what: str, now: float) -> None:
-        """A message other than READY from a connection the broker does not know: counted, and
-        answered DISCONNECT (paced)."""
-        self.router.count_bad(BACKEND, "unknown_worker")
-        self._disconnect(ident, f"{what} from an unknown worker: send READY on a new connection", now)
-
-    def _bad_worker_message(self, ident: bytes, exc: protocol.BadMessage, now: float) -> None:
-        """Counted and logged (paced). An unknown command is then ignored (later versions may
-        add commands); anything else that breaks the protocol ends the registration, if any
-        (what the worker held is requeued as for a lost worker), and is answered DISCONNECT
-        with the reason: the worker must register again, on a new connection."""
-        router = self.router
-        router.count_bad(BACKEND, exc.kind)
-        self._log_paced(ident, BACKEND, logging.WARNING, "bad message from worker %s: %s", _peer(ident), exc)
-        if type(exc) is protocol.UnknownCommand:
-            return
-        w = router.workers.get(ident)
-        if w is not None:
-            router.remove_worker(w, f"broke the protocol ({exc.kind})", now)
-        self._disconnect(ident, f"bad message: {exc}", now)
-
-    def _message_failed(self, port: str, ident: bytes, rid: int, now: float) -> None:
-        """Handling one message raised something unforeseen (a bug): log it with its traceback
-        (paced), count it, answer the peer as for a bad message, serve on. A client request
-        that raised after the router had taken it may get a second reply (its client drops
-        it): better than none."""
-        self.router.count_bad(port, "internal_error")
-        self._log_paced(ident, port, logging.ERROR, "error handling a message from %s %s (serving on)",
-                        "client" if port == FRONTEND else "worker", _peer(ident), exc_info=True)
-        if port == FRONTEND:
-            self.router.count_status("", protocol.STATUS_BAD_REQUEST)
-            self.router.answer(ident, rid, protocol.STATUS_BAD_REQUEST, "bad request: the broker failed to handle it")
-            return
-        w = self.router.workers.get(ident)
-        if w is not None:
-            self.router.remove_worker(w, "a message of its could not be handled", now)
-        self._disconnect(ident, "the broker failed to handle a message: send READY on a new connection", now)
-
-    def _disconnect(self, ident: bytes, why: str, now: float) -> None:
-        """DISCONNECT ``why`` to a worker connection, at most once per heartbeat interval per
-        connection (a worker's queued heartbeats after a broker restart draw one, not one each)."""
-        if self._disconnects.take(ident, now) is None:
-            return
-        self._log_paced(ident, BACKEND, logging.INFO, "asking worker %s to reconnect: %s", _peer(ident), why)
-        self.to_worker(ident, protocol.encode_disconnect(why), None)
-
-    def _log_paced(self, ident: bytes, port: str, level: int, msg: str, *args: object,
-                   exc_info: bool = False) -> None:
-        """Log, at most LOG_PEER_BURST lines at once and then one per LOG_PEER_EVERY seconds per
-        peer, and LOG_ALL_RATE per second over all peers; a line that follows suppressed ones
-        says how many."""
-        now = time.monotonic()
-        mine = self._log_peer.take((port, ident), now)
-        if mine is None:
-            return
-        everyone = self._log_all.take(None, now)
-        if everyone is None:
-            return
-        if mine or everyone:
-            msg += " [%d similar lines not logged]"
-            args = (*args, mine + everyone)
-        log.log(level, msg, *args, exc_info=exc_info)
-
     def _drain_frontend(self, now: float) -> None:
         # A valid REQUEST goes straight from the socket to the request routing (compiled:
         # route.pyx's, called from C; pure: router.request); every other message to
@@ -651,58 +441,3 @@ class Broker:
         drain_requests(self.front, BATCH, self.config.max_message_size,
                        request if self._client_refusal is None else None, self._on_client_message,
                        self._request_failed, now)
-
-    def _request_failed(self, ident: bytes, rid: int, now: float) -> None:
-        """router.request raised (called by the compiled drain from its except clause)."""
-        self._message_failed(FRONTEND, ident, rid, now)
-
-    def _on_client_message(self, frames: list[zmq.Frame], now: float) -> None:
-        max_size = self.config.max_message_size
-        decode = decode_request
-        refusal = self._client_refusal
-        rid = 0
-        try:
-            if len(frames) != 4 or frames[1].bytes != _SIG:
-                protocol.check_frames(frames, 1)  # raises the precise BadMessage...
-                protocol.check_payload_count(decode(frames[2].buffer), frames, 1)  # ...with the rid
-            req = decode(frames[2].buffer)
-            rid = req.rid
-            payload = frames[3]
-            if len(payload) > max_size:
-                self.router.stats.bad += 1
-                self.router.count_bad(FRONTEND, "too_large")
-                self.router.count_status(req.service, protocol.STATUS_TOO_LARGE)
-                self.router.answer(frames[0].bytes, req.rid, protocol.STATUS_TOO_LARGE,
-                                   f"payload of {len(payload)} bytes is over the limit of {max_size}")
-                return
-            key = req.key
-            if isinstance(key, str):
-                key = key.encode()
-            if refusal is not None:
-                why = refusal(str(frames[0].get("User-Id")), req.service)
-                if why is not None:
-                    self.router.forbid(frames[0].bytes, req.rid, req.service, why)
-                    return
-            self.router.request(frames[0].bytes, req.rid, req.service, req.timeout_ms, req.attempt, req.flags, key,
-                                payload, now)
-        except protocol.BadMessage as exc:
-            self._bad_request(frames, exc, now)  # malformed input: answer it, keep serving
-        except Exception:  # a bug met by this one request: it alone fails
-            self._message_failed(FRONTEND, frames[0].bytes, rid, now)
-
-    def _bad_request(self, frames: list[zmq.Frame], exc: protocol.BadMessage, now: float) -> None:
-        """Counted, logged (paced), answered BAD_REQUEST under the request's rid when it could be
-        read (else 0); a message with a command this version does not know is ignored instead."""
-        client = frames[0].bytes
-        self.router.count_bad(FRONTEND, exc.kind)
-        self._log_paced(client, FRONTEND, logging.WARNING, "bad request from client %s: %s", _peer(client), exc)
-        if type(exc) is protocol.UnknownCommand:
-            return
-        self.router.stats.bad += 1
-        self.router.count_status("", protocol.STATUS_BAD_REQUEST)  # no trustworthy service name: ""
-        self.router.answer(client, exc.rid, protocol.STATUS_BAD_REQUEST, f"bad request: {exc}")
-
-
-def _peer(ident: bytes) -> str:
-    """A routing id for a log line: hex, cut (a peer may choose a 255-byte id)."""
-    return ident[:16].hex() + ("..." if len(ident) > 16 else "")
