@@ -36,6 +36,7 @@ from zrouter.client._brokers import BrokerConn, BrokerSet, SocketFactory
 from zrouter.errors import ClientClosed, MessageTooLarge, ProtocolError, RequestTimeout, WorkerLost
 from zrouter.protocol import (
     FLAG_IDEMPOTENT,
+    MAX_TIMEOUT_MS,
     SIGNATURE,
     STATUS_OK,
     BadMessage,
@@ -50,7 +51,7 @@ from zrouter.transport import NOBLOCK
 from zrouter import _speedups
 from zrouter._speedups import decode_reply, encode_request, recv_frames, recv_or_none, send_frames
 
-__all__ = ["DEFAULT_BROKER", "DEFAULT_TIMEOUT", "ClientCore", "Entry", "request_frames"]
+__all__ = ["DEFAULT_BROKER", "DEFAULT_TIMEOUT", "MAX_TIMEOUT", "ClientCore", "Entry", "request_frames"]
 
 log = logging.getLogger("zrouter.client")
 
@@ -65,6 +66,10 @@ _RESEND_RETRY: Final = 0.05
 # hold), the place is freed this long after the deadline.
 _HOLD_GRACE: Final = 2.0
 
+# The longest request deadline, in seconds: the protocol's timeout_ms limit (one day). Checked
+# when the request is made, so a longer one (or inf) fails there, not in the encoder or at the
+# broker after it was registered.
+MAX_TIMEOUT: Final = MAX_TIMEOUT_MS / 1000.0
 _EVENTS: Final = int(zmq.EVENTS)
 _NATIVE: Final = _speedups.native()
 _POLLIN: Final = int(zmq.POLLIN)
@@ -118,7 +123,8 @@ def request_frames(entry: Entry, now: float) -> tuple[bytes, bytes, Any]:
     # Round up (a request with 0.4 ms left must not become timeout_ms=0, invalid on the wire),
     # but not a whole-millisecond timeout that float arithmetic put a hair above its value.
     ms = int((entry.deadline - now) * 1000.0 + 0.999)
-    header = encode_request(entry.rid, entry.service, ms if ms > 0 else 1, entry.attempt, entry.flags, entry.key)
+    ms = 1 if ms < 1 else MAX_TIMEOUT_MS if ms > MAX_TIMEOUT_MS else ms  # a day's float error: still valid
+    header = encode_request(entry.rid, entry.service, ms, entry.attempt, entry.flags, entry.key)
     return (SIGNATURE, header, entry.payload)
 
 
@@ -137,8 +143,8 @@ class ClientCore:
         watch: Callable[[Any], None] | None = None,
         unwatch: Callable[[Any], None] | None = None,
     ) -> None:
-        if not timeout > 0:  # also refuses NaN
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        if not 0 < timeout <= MAX_TIMEOUT:  # also refuses NaN
+            raise ValueError(f"timeout must be > 0 and at most {MAX_TIMEOUT:g} seconds, got {timeout!r}")
         if max_message_size is not None and max_message_size <= 0:
             raise ValueError(f"max_message_size must be > 0 or None, got {max_message_size!r}")
         if max_inflight < 1 or max_inflight_bytes < 1:
@@ -265,8 +271,8 @@ class ClientCore:
             raise TypeError(f"key must be bytes, str or None, got {type(key).__name__}")
         if timeout is None:
             timeout = self.timeout
-        elif not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        elif not 0 < timeout <= MAX_TIMEOUT:  # also refuses NaN
+            raise ValueError(f"timeout must be > 0 and at most {MAX_TIMEOUT:g} seconds, got {timeout!r}")
         flags, frame = encode_payload(payload)
         size = frame.nbytes if type(frame) is memoryview else len(frame)
         limit = self.max_message_size
@@ -493,8 +499,9 @@ class ClientCore:
         sock = conn.sock
         handle = self.handle_reply
         if _NATIVE:
-            # Compiled: an empty receive returns None (~0.9 µs, no exception), less than the
-            # EVENTS read (pyzmq wraps it in an enum): read until empty.
+            # Compiled build (where ClientPath.drain normally stands in for this method; the
+            # reference runs in tests/native): an empty receive returns None (~0.9 µs, no
+            # exception), less than the EVENTS read (pyzmq wraps it in an enum): read until empty.
             while not conn.closed:
                 frames = recv_or_none(sock)
                 if frames is None:

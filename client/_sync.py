@@ -100,7 +100,8 @@ class Client(BaseClient):
         """Connect (lazily, like zmq) to ``broker``: one endpoint or a list of them
         (default tcp://127.0.0.1:5555).
 
-        ``timeout`` is the default per-request deadline in seconds; ``max_message_size`` caps
+        ``timeout`` is the default per-request deadline in seconds (at most one day, the protocol's
+        limit: ValueError otherwise, as for a per-call ``timeout``); ``max_message_size`` caps
         request and reply payloads in bytes (MessageTooLarge; None: no cap of our own);
         ``max_inflight`` and ``max_inflight_bytes`` are the most requests, and payload bytes,
         this client sends one broker before it has their replies: keep them within the broker's

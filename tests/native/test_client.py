@@ -65,7 +65,7 @@ def random_args(rng: random.Random) -> tuple[Any, ...]:
     service = rng.choice(["echo", "echo", "echo", "", 5, "other"])
     payload = rng.choice([b"x" * rng.randrange(0, 40), {"k": rng.randrange(9)}, b"y" * 350, b"z" * 200,
                           bytearray(b"ab"), memoryview(b"mv"), None])
-    timeout = rng.choice([None, None, 0.5, 2.0, 3, -1.0, float("nan"), 1e-4])
+    timeout = rng.choice([None, None, 0.5, 2.0, 3, -1.0, float("nan"), 1e-4, float("inf"), 86_400.0, 86_400.5])
     key = rng.choice([None, None, b"k", "k", 7])
     return (service, payload, timeout, rng.random() < 0.8, key)
 

@@ -151,7 +151,8 @@ def test_payload_encoding_and_flags(payload: Any, idempotent: bool, flags: int, 
     assert bytes(msg[2]) == frame
 
 
-@pytest.mark.parametrize(("left", "ms"), [(1.2345, 1235), (0.0004, 1), (0.0, 1), (-5.0, 1), (2.0, 2000), (2.5, 2500)])
+@pytest.mark.parametrize(("left", "ms"), [(1.2345, 1235), (0.0004, 1), (0.0, 1), (-5.0, 1), (2.0, 2000), (2.5, 2500),
+                                         (86_400.0, p.MAX_TIMEOUT_MS), (86_400.0004, p.MAX_TIMEOUT_MS)])
 def test_timeout_ms_is_the_remaining_time_rounded_up_and_never_zero(left: float, ms: int) -> None:
     entry = Entry()
     entry.rid, entry.service, entry.flags, entry.key, entry.payload = 1, "s", 0, None, b""
@@ -168,6 +169,8 @@ def test_timeout_ms_is_the_remaining_time_rounded_up_and_never_zero(left: float,
         ({"timeout": 0}, ValueError),
         ({"timeout": -1.0}, ValueError),
         ({"timeout": math.nan}, ValueError),
+        ({"timeout": math.inf}, ValueError),  # the protocol's limit is one day
+        ({"timeout": 86_400.5}, ValueError),
         ({"key": 3}, TypeError),
     ],
 )
@@ -481,3 +484,15 @@ def test_close_fails_pending_requests_and_closes_sockets() -> None:
     with pytest.raises(err.ClientClosed):
         core.add_broker(C)
     core.close()  # idempotent
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, math.nan, math.inf, 86_400.5])
+def test_the_default_timeout_is_checked_when_the_client_is_made(timeout: float) -> None:
+    with pytest.raises(ValueError, match="timeout must be > 0 and at most 86400 seconds"):
+        make_core(A, timeout=timeout)
+
+
+def test_a_timeout_of_one_day_is_the_longest_accepted() -> None:
+    core, f = make_core(A, timeout=86_400.0)
+    start(core)
+    assert p.check_request(p.decode_header(f.socks[A].messages[0][1])).timeout_ms == p.MAX_TIMEOUT_MS

@@ -40,6 +40,8 @@ cdef long _FLAG_IDEMPOTENT = _p.FLAG_IDEMPOTENT
 cdef long _FLAG_MSGPACK = _p.FLAG_MSGPACK
 cdef long _STATUS_OK = _p.STATUS_OK
 cdef int _NOBLOCK = zmq.NOBLOCK
+cdef long long _MAX_TIMEOUT_MS = _p.MAX_TIMEOUT_MS
+cdef double _MAX_TIMEOUT = _p.MAX_TIMEOUT_MS / 1000.0  # client/_core.py's MAX_TIMEOUT
 
 
 cdef inline bint _is_sig(object frame):
@@ -79,8 +81,8 @@ cdef class ClientPath:
             return self.start_ref(entry, service, payload, timeout, idempotent, key, now)
         if timeout is None:
             timeout = core.timeout
-        elif type(timeout) is not float or not (<double>timeout > 0.0):
-            return self.start_ref(entry, service, payload, timeout, idempotent, key, now)
+        elif type(timeout) is not float or not (0.0 < <double>timeout <= _MAX_TIMEOUT):
+            return self.start_ref(entry, service, payload, timeout, idempotent, key, now)  # raises
         if type(payload) is bytes:
             flags = 0
             frame = payload
@@ -138,7 +140,8 @@ cdef class ClientPath:
             if conn is None:
                 return None
         ms = <long long>((deadline - now) * 1000.0 + 0.999)  # as request_frames: see there
-        frames = (_SIGNATURE, _encode_request(rid, service, ms if ms > 0 else 1, entry.attempt, flags, key), frame)
+        ms = 1 if ms < 1 else _MAX_TIMEOUT_MS if ms > _MAX_TIMEOUT_MS else ms
+        frames = (_SIGNATURE, _encode_request(rid, service, ms, entry.attempt, flags, key), frame)
         try:
             _send(conn.sock, frames, _NOBLOCK)
         except _Again:
