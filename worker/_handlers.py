@@ -125,7 +125,7 @@ def respond(job: Job, handler: Callable[[Any], Any], instance_id: str) -> tuple[
     Every failure is a reply: an undecodable payload BAD_REQUEST, anything the handler raises
     (``BaseException`` too: the worker must go on) or a result that does not encode
     REMOTE_ERROR. Only :class:`Abandon` propagates."""
-    token = _current.set((job, instance_id))
+    token = _current.set((job.rid, job.service, job.attempt, job.deadline, instance_id))
     try:
         if job.flags & FLAG_MSGPACK:
             arg = _argument(job)
@@ -146,7 +146,7 @@ def respond(job: Job, handler: Callable[[Any], Any], instance_id: str) -> tuple[
 
 async def respond_async(job: Job, handler: Callable[[Any], Awaitable[Any]], instance_id: str) -> tuple[bytes, Any]:
     """:func:`respond` for a coroutine handler, in the task that awaits it."""
-    _current.set((job, instance_id))  # task-local
+    _current.set((job.rid, job.service, job.attempt, job.deadline, instance_id))  # task-local
     try:
         return _result_reply(job.rid, await handler(_argument(job)))
     except BaseException as exc:
