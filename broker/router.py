@@ -29,7 +29,7 @@ import msgpack
 from zrouter.broker.policies.base import make_policy
 from zrouter.broker.router_admin import Admin
 from zrouter.broker.router_timers import Timers
-from zrouter.broker.router_types import HELD_SLACK, SLOTS_PER_S, Access, Refused, Sink, Stats
+from zrouter.broker.router_types import SLOTS_PER_S, Access, Refused, Sink, Stats
 from zrouter.broker.slow_start import starts_slow
 from zrouter.broker.counters import BOUNDS, LATENCY_ALPHA, MAX_SERVICES, OTHER_SERVICE, ServiceStats
 from zrouter.broker.state import ServiceQueue
@@ -44,10 +44,7 @@ _packb: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
 _REQUEST: Final = protocol.REQUEST
 _REPLY: Final = protocol.REPLY
 _IDEMPOTENT: Final = protocol.FLAG_IDEMPOTENT
-_HEARTBEAT: Final = protocol.encode_heartbeat()
-_DRAIN: Final = protocol.encode_drain()
 _STATUS_OK: Final = protocol.STATUS_OK
-_SHUTTING_DOWN: Final = protocol.encode_disconnect("shutting down")
 _OVERLOADED: Final = protocol.STATUS_OVERLOADED
 # libzmq receives messages of up to its 8 KiB read batch (ZMQ_IN_BATCH_SIZE) into one shared
 # buffer of ~18 KiB (the bytes and a reference count per possible message): one such payload kept
@@ -55,7 +52,6 @@ _OVERLOADED: Final = protocol.STATUS_OVERLOADED
 # so a queued request costs its own size, not the buffer's.
 _COMPACT_BELOW: Final = 8192
 _SLOTS_PER_S: Final = SLOTS_PER_S  # deadline slots of held requests: see router_types
-_HELD_SLACK: Final = HELD_SLACK
 
 
 class Router(Timers, Admin):

@@ -10,7 +10,6 @@ router's state (:class:`~zrouter.broker.router_types.RouterState`).
 from __future__ import annotations
 
 import heapq
-import logging
 from typing import Final
 
 from zrouter import protocol
@@ -18,8 +17,6 @@ from zrouter.broker.router_types import HELD_SLACK, SLOTS_PER_S, RouterState
 from zrouter.broker.state import INFLIGHT, Request, WorkerState
 
 __all__ = ["Timers"]
-
-log = logging.getLogger("zrouter.broker")
 
 _HEARTBEAT: Final = protocol.encode_heartbeat()
 

@@ -64,7 +64,7 @@ class Side:
 
     def _on_reply(self, ident: bytes, rid: int, status: Any, flags: int, message: str | None,
                   error_type: str | None, payload: Any, now: float) -> None:
-        """The broker's (broker/server.py _on_reply), less its logging."""
+        """The broker's (broker/inbound.py _on_reply), less its logging."""
         w = self.router.workers.get(ident)
         if w is None:
             self.unknown.append((ident, rid))
