@@ -33,6 +33,7 @@ import zmq
 
 from zrouter import limits
 from zrouter.client._brokers import BrokerConn, BrokerSet, SocketFactory
+from zrouter.client._entry import Entry, request_frames
 from zrouter.errors import ClientClosed, MessageTooLarge, ProtocolError, RequestTimeout, WorkerLost
 from zrouter.protocol import (
     FLAG_IDEMPOTENT,
@@ -49,7 +50,7 @@ from zrouter.protocol import (
 from zrouter.transport import NOBLOCK
 # The per-request codec and socket calls: compiled when built, else zrouter.protocol/transport.
 from zrouter import _speedups
-from zrouter._speedups import decode_reply, encode_request, recv_frames, recv_or_none, send_frames
+from zrouter._speedups import decode_reply, recv_frames, recv_or_none, send_frames
 
 __all__ = ["DEFAULT_BROKER", "DEFAULT_TIMEOUT", "MAX_TIMEOUT", "ClientCore", "Entry", "request_frames"]
 
@@ -73,59 +74,6 @@ MAX_TIMEOUT: Final = MAX_TIMEOUT_MS / 1000.0
 _EVENTS: Final = int(zmq.EVENTS)
 _NATIVE: Final = _speedups.native()
 _POLLIN: Final = int(zmq.POLLIN)
-
-
-class Entry:
-    """One request, from submission to its single outcome (the front ends subclass it)."""
-
-    __slots__ = (
-        "_done",
-        "_error",
-        "_value",
-        "attempt",
-        "conn",
-        "deadline",
-        "flags",
-        "key",
-        "payload",
-        "rid",
-        "service",
-        "size",
-        "timeout",
-    )
-
-    rid: int
-    service: str
-    flags: int
-    key: bytes | str | None
-    payload: Any
-    timeout: float
-    deadline: float
-
-    def __init__(self) -> None:
-        self.attempt = 0
-        self.size = 0  # payload bytes
-        self.conn: BrokerConn | None = None
-        self._done = False
-        self._value: Any = None
-        self._error: BaseException | None = None
-
-    def _settle(self, value: Any, error: BaseException | None) -> None:
-        """Record the outcome; called exactly once, by the core. Subclasses also wake a waiter."""
-        self._done = True
-        self._value = value
-        self._error = error
-        self.payload = None  # the frame was only kept for a re-send
-
-
-def request_frames(entry: Entry, now: float) -> tuple[bytes, bytes, Any]:
-    """The frames of ``entry``'s REQUEST, telling the broker the time that remains."""
-    # Round up (a request with 0.4 ms left must not become timeout_ms=0, invalid on the wire),
-    # but not a whole-millisecond timeout that float arithmetic put a hair above its value.
-    ms = int((entry.deadline - now) * 1000.0 + 0.999)
-    ms = 1 if ms < 1 else MAX_TIMEOUT_MS if ms > MAX_TIMEOUT_MS else ms  # a day's float error: still valid
-    header = encode_request(entry.rid, entry.service, ms, entry.attempt, entry.flags, entry.key)
-    return (SIGNATURE, header, entry.payload)
 
 
 class ClientCore:
