@@ -39,6 +39,7 @@ from zrouter.curve import EVENT_HANDSHAKE_FAILED
 from zrouter.ratelimit import RateLimiter
 from zrouter.transport import NOBLOCK
 # The per-message codec and socket calls: compiled when built, else zrouter.protocol/transport.
+from zrouter import _speedups
 from zrouter._speedups import drain_replies, drain_requests, send_frames
 
 __all__ = ["Broker", "BrokerConfig"]
@@ -157,9 +158,16 @@ class Broker(Inbound):
         self.backend_endpoint = self.back.getsockopt_string(zmq.LAST_ENDPOINT)
         if self.http is not None:
             self.http.bind()
-        log.info("broker listening: clients on %s, workers on %s; policy %s%s",
+        why_pure = _speedups.why_pure()
+        log.info("broker listening: clients on %s, workers on %s; policy %s%s; %s path",
                  self.frontend_endpoint, self.backend_endpoint, self.config.default_policy,
-                 "".join(f", {s}={p}" for s, p in self.config.service_policies.items()))
+                 "".join(f", {s}={p}" for s, p in self.config.service_policies.items()),
+                 "pure-Python" if why_pure else "compiled")
+        if why_pure and not why_pure.startswith(_speedups.PURE_ENV):
+            # Not asked for: the compiled modules were not built (no C compiler at install) or
+            # do not load. Said once, loudly: the pure path costs about 2.5x the CPU per request.
+            log.warning("running the pure-Python path (%s); reinstall with a C compiler and Python "
+                        "headers for the compiled one", why_pure)
 
     def _secure(self, config: BrokerConfig) -> None:
         from zrouter.broker.auth import BrokerAuth, Keyring

@@ -3,9 +3,12 @@ when ``ZROUTER_PURE=1`` or when the compiled modules cannot be imported."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+
+import pytest
 
 from zrouter import _speedups, protocol
 
@@ -63,3 +66,34 @@ def test_load_native_knows_only_the_compiled_modules() -> None:
         assert "no compiled module" in str(exc)
     else:
         raise AssertionError("load_native imported something that is not a compiled module")
+
+
+def test_the_broker_says_which_path_it_runs(caplog: pytest.LogCaptureFixture) -> None:
+    from zrouter.broker.server import Broker, BrokerConfig
+
+    broker = Broker(BrokerConfig(frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*"))
+    try:
+        with caplog.at_level(logging.INFO, logger="zrouter.broker"):
+            broker.bind()
+    finally:
+        broker.close()
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("broker listening")]
+    assert line.endswith("; pure-Python path" if PURE else "; compiled path")
+    # ZROUTER_PURE was asked for: no warning about a missing build.
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_an_unasked_fallback_is_a_warning_at_start_up() -> None:
+    code = (
+        "import logging, sys\n"
+        "sys.modules['zrouter._native.client'] = None\n"  # as a missing build: ImportError
+        "logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(levelname)s %(message)s')\n"
+        "from zrouter.broker.server import Broker, BrokerConfig\n"
+        "b = Broker(BrokerConfig(frontend='tcp://127.0.0.1:*', backend='tcp://127.0.0.1:*'))\n"
+        "b.bind(); b.close()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != _speedups.PURE_ENV}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    assert "; pure-Python path" in out
+    assert "WARNING running the pure-Python path (zrouter._native.client did not import" in out
