@@ -11,6 +11,7 @@ waking a Python process at all. Each runs ROUNDS times, interleaved; prints req/
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import subprocess
 import sys
@@ -86,10 +87,14 @@ def _spawn(*args: str) -> subprocess.Popen[bytes]:
 
 
 def main() -> None:
-    if len(sys.argv) > 1:
+    if len(sys.argv) > 1 and sys.argv[1] in ("forwarder", "worker"):  # the processes main() starts
         role, *eps = sys.argv[1:]
-        {"forwarder": lambda: _forwarder(*eps), "worker": lambda: _worker(eps[0])}[role]()
+        if role == "forwarder":
+            _forwarder(*eps)
+        else:
+            _worker(eps[0])
         return
+    argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.split("\n\n")[0]).parse_args()
     systems = {}
     procs: list[subprocess.Popen[bytes]] = []
     try:

@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.rounds):  # alternating, so load on the machine hits both alike
         ref.append(measure(False, args.cycles, args.policy))
         twin.append(measure(True, args.cycles, args.policy))
-    path = ("compiled path: the reference methods, then route.pyx" if _speedups.native()
-            else "pure (ZROUTER_PURE=1 or not built): both columns are the reference")
-    print(f"routing µs per request cycle ({args.policy}, {IN_FLIGHT} in flight; {path}; "
+    path = ("columns: the reference methods (router.py), then the compiled twins (route.pyx)" if _speedups.native()
+            else "pure path (ZROUTER_PURE=1 or not built): both columns are the reference")
+    print(f"routing µs per request cycle, median of {args.rounds} ({args.policy}, {IN_FLIGHT} in flight; {path}; "
           f"includes ~0.5 µs of this loop's own decode)")
     print(f"reference {statistics.median(ref):.2f}   compiled routing {statistics.median(twin):.2f}")
 
