@@ -15,8 +15,7 @@ this module and another through the reference with the same random traffic and c
 frame sent, every outcome and the bookkeeping after each step.
 """
 
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from libc.string cimport memcmp
+from zrouter._native.codec cimport is_signature
 
 from heapq import heappush as _heappush
 
@@ -30,7 +29,6 @@ from zrouter._native.wire import send_frames as _send
 
 __all__ = ["ClientPath"]
 
-assert _p.SIGNATURE == b"ZRT1"
 
 cdef object _SIGNATURE = _p.SIGNATURE
 cdef object _BadMessage = _p.BadMessage
@@ -42,15 +40,6 @@ cdef long _STATUS_OK = _p.STATUS_OK
 cdef int _NOBLOCK = zmq.NOBLOCK
 cdef long long _MAX_TIMEOUT_MS = _p.MAX_TIMEOUT_MS
 cdef double _MAX_TIMEOUT = _p.MAX_TIMEOUT_MS / 1000.0  # client/_core.py's MAX_TIMEOUT
-
-
-cdef inline bint _is_sig(object frame):
-    cdef Py_buffer view
-    cdef bint ok
-    PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE)
-    ok = view.len == 4 and memcmp(view.buf, b"ZRT1", 4) == 0
-    PyBuffer_Release(&view)
-    return ok
 
 
 cdef class ClientPath:
@@ -158,7 +147,7 @@ cdef class ClientPath:
 
     cdef _handle(self, frames):
         cdef object reply, entry, conn, body, limit
-        if len(frames) != 3 or not _is_sig(frames[0]):
+        if len(frames) != 3 or not is_signature(frames[0]):
             return self.reply_ref(frames)
         try:
             reply = _decode_reply(frames[1])

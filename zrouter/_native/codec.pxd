@@ -39,6 +39,7 @@ cdef struct Item:
     const char *s
     Py_ssize_t n
 
+cdef bint is_signature(object frame) except -1
 cdef int parse_header(const uint8_t *p, Py_ssize_t n, Item *items, int *count) noexcept
 cdef bint request_items_ok(const Item *items, int count) noexcept
 cdef bint reply_items_ok(const Item *items, int count) noexcept

@@ -20,6 +20,7 @@ from cpython.exc cimport PyErr_Clear
 from cpython.long cimport PyLong_FromUnsignedLongLong
 from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.string cimport memcmp
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from zrouter import protocol as _p
@@ -267,6 +268,20 @@ cdef object reply_or_none(Item *items, int count):
     error_type = None if items[5].kind == K_NIL else _text(&items[5])
     return _tuple_new(_Reply, (PyLong_FromUnsignedLongLong(items[1].u), <long>items[2].u,
                                PyLong_FromUnsignedLongLong(items[3].u), message, error_type))
+
+
+assert _p.SIGNATURE == b"ZRT1"  # is_signature's constant
+
+
+cdef bint is_signature(object frame) except -1:
+    """Whether ``frame`` (any buffer) is the 4-byte signature: the first check of every message,
+    shared by the compiled drains and the client's path."""
+    cdef Py_buffer view
+    cdef bint ok
+    PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE)
+    ok = view.len == 4 and memcmp(view.buf, b"ZRT1", 4) == 0
+    PyBuffer_Release(&view)
+    return ok
 
 
 cdef object _decode(object frame, bint request):

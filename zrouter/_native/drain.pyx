@@ -18,26 +18,15 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.long cimport PyLong_FromUnsignedLongLong
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport uint8_t
-from libc.string cimport memcmp
 
 from zrouter._native.codec cimport (
-    Item, K_NIL, MAX_HEADER_SIZE, MAX_ITEMS, PARSE_OK, parse_header, reply_items_ok, request_items_ok,
+    Item, K_NIL, MAX_HEADER_SIZE, MAX_ITEMS, PARSE_OK, is_signature, parse_header, reply_items_ok,
+    request_items_ok,
 )
 
-from zrouter import protocol as _p
 from zrouter._native.wire import recv_or_none as _recv
 
 __all__ = ["drain_replies", "drain_requests"]
-
-assert _p.SIGNATURE == b"ZRT1"
-
-cdef inline bint _is_sig(object frame):
-    cdef Py_buffer view
-    cdef bint ok
-    PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE)
-    ok = view.len == 4 and memcmp(view.buf, b"ZRT1", 4) == 0
-    PyBuffer_Release(&view)
-    return ok
 
 
 cdef inline int _header(object frame, Item *items, int *count) except? -99:
@@ -66,7 +55,7 @@ def drain_requests(sock, int batch, Py_ssize_t max_size, request, other, failed,
         if frames is None:
             return False
         count = 0
-        if (request is not None and len(frames) == 4 and _is_sig(frames[1])
+        if (request is not None and len(frames) == 4 and is_signature(frames[1])
                 and _header(frames[2], items, &count) == PARSE_OK and request_items_ok(items, count)
                 and len(frames[3]) <= max_size):
             kk = items[6].kind
@@ -93,7 +82,7 @@ def drain_replies(sock, int batch, reply, other, failed, now):
         if frames is None:
             return False
         count = 0
-        if (len(frames) == 4 and _is_sig(frames[1]) and _header(frames[2], items, &count) == PARSE_OK
+        if (len(frames) == 4 and is_signature(frames[1]) and _header(frames[2], items, &count) == PARSE_OK
                 and reply_items_ok(items, count)):
             worker = frames[0].bytes
             rid = PyLong_FromUnsignedLongLong(items[1].u)
