@@ -51,7 +51,6 @@ _OVERLOADED: Final = protocol.STATUS_OVERLOADED
 # keeps the whole buffer. A payload this small that has to wait in a queue is copied out first,
 # so a queued request costs its own size, not the buffer's.
 _COMPACT_BELOW: Final = 8192
-_SLOTS_PER_S: Final = SLOTS_PER_S  # deadline slots of held requests: see router_types
 
 
 class Router(Timers, Admin):
@@ -275,7 +274,7 @@ class Router(Timers, Admin):
         w.outstanding += 1
         w.held_bytes += req.size
         self.n_inflight += 1
-        slot = int(req.deadline * _SLOTS_PER_S) + 1
+        slot = int(req.deadline * SLOTS_PER_S) + 1
         entries = self._slots.get(slot)
         if entries is None:
             entries = self._new_slot(slot)

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from zrouter import _speedups
 from zrouter import protocol as p
 from zrouter.broker import router as router_module
+from zrouter.broker import router_types
 from zrouter.broker import state
 from zrouter.broker.counters import ServiceStats
 from zrouter.broker.policies import POLICIES
@@ -192,7 +193,7 @@ def test_this_run_routes_through_the_path_it_asked_for() -> None:
     assert (state.WorkerState is native.WorkerState) is compiled
     found = routes(Router(Recorder()), lambda *a: None)
     assert (found is not None and type(getattr(found[0], "__self__", None)) is native.Route) is compiled
-    assert native.SLOTS_PER_S == router_module._SLOTS_PER_S
+    assert native.SLOTS_PER_S == router_types.SLOTS_PER_S
     assert native.STATES == (state.QUEUED, state.INFLIGHT, state.DONE)
 
 
