@@ -4,7 +4,8 @@ It runs one measurement against an already running system and prints one JSON ob
 last stdout line. Modes:
 
 - ``pipe``: keep ``--inflight`` requests in flight for ``--warmup`` + ``--duration`` seconds;
-  req/s over the measured window (plus the total count, for CPU-per-request figures);
+  req/s over the measured window (plus the total count, for CPU-per-request figures); with
+  ``--pace R``, at most R req/s (the same load for every system);
 - ``sync``: one request at a time, ``--count`` latencies after ``--warmup`` requests;
 - ``open`` (zrouter only): open-loop Poisson arrivals at ``--rate`` req/s through AsyncClient,
   one record per request; ``--kill-pid``/``--kill-at`` SIGKILL a worker mid-run (failover);
@@ -179,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--count", type=int, default=2000)
     p.add_argument("--service", default="echo")
     p.add_argument("--rate", type=float, default=500.0, help="open: mean arrivals per second")
+    p.add_argument("--pace", type=float, default=0.0,
+                   help="pipe: hold the run to this many req/s (0: as fast as it goes)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=30.0, help="request timeout, s")
     p.add_argument("--kill-pid", type=int, default=0)
@@ -193,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         __import__({"zrouter": "zrouter.client", "zrouter-pure": "zrouter.client", "proxy": "zmq",
                     "majortomo": "majortomo", "nats": "nats", "rabbitmq": "aio_pika"}[args.system])
         cpu0 = sum(os.times()[:2])
-        counter = PipeCounter(args.warmup, args.duration)
+        counter = PipeCounter(args.warmup, args.duration, pace=args.pace)
         drive = {"zrouter": zrouter_pipe, "zrouter-pure": zrouter_pipe, "proxy": proxy_pipe, "majortomo": mdp_pipe,
                  "nats": nats_pipe, "rabbitmq": rabbitmq_pipe}[args.system]
         out = drive(args.endpoint, payload, args.inflight, counter)

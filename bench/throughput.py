@@ -32,6 +32,13 @@ __all__ = ["CAPACITY", "measure_pipe", "plot", "rows", "run"]
 
 CAPACITY = 50  # zrouter credits per echo worker: 2 x 50 >= the 100 requests in flight
 INFLIGHT = 100
+# The same load for every system, for CPU per request at equal rates: a process that runs flat
+# out reads many messages per wake-up, one that is fast enough to idle pays its wake-ups for a
+# few messages each, so its CPU per request at its own top speed says little about what it
+# costs at a given load. 30,000 req/s is below the NATS client's top speed (~45,000 here), so
+# all three systems hold it; 15,000 shows the trend.
+PACED_RATES = (15_000, 30_000)
+PACED_SYSTEMS = ("zrouter", "proxy", "nats")
 LABELS = {"zrouter": "zrouter", "zrouter-pure": "zrouter pure", "proxy": "zmq.proxy", "majortomo": "majortomo",
           "nats": "NATS", "rabbitmq": "RabbitMQ"}
 
@@ -51,17 +58,19 @@ def ratio(res: dict[str, Any], key: str, a: str, b: str) -> float:
 
 
 def measure_pipe(
-    name: str, system: System, size: int, inflight: int, warmup: float, duration: float, client: str | None = None
+    name: str, system: System, size: int, inflight: int, warmup: float, duration: float, client: str | None = None,
+    pace: float = 0.0,
 ) -> dict[str, Any]:
     """One pipelined client run, with the CPU per request of every process of ``system``.
 
-    ``client`` is the loadgen driver (``--system``), ``name`` by default."""
+    ``client`` is the loadgen driver (``--system``), ``name`` by default; ``pace`` holds the run
+    to that many req/s (0: as fast as it goes)."""
     procs = [system.broker, *system.workers]
     broker0 = cpu_split(system.broker.pid)
     before = [cpu_seconds(p.pid) for p in procs]
     res = run_client(
         ["pipe", "--system", client or name, "--endpoint", system.endpoint, "--size", str(size),
-         "--inflight", str(inflight), "--warmup", str(warmup), "--duration", str(duration)],
+         "--inflight", str(inflight), "--warmup", str(warmup), "--duration", str(duration), "--pace", str(pace)],
         timeout=warmup + duration + 120,
     )  # fmt: skip
     after = [cpu_seconds(p.pid) for p in procs]
@@ -87,15 +96,39 @@ def run(cfg: Settings) -> dict[str, Any]:
                 per.setdefault(name, []).append(res)
                 progress(f"throughput run {r + 1}/{runs} {LABELS[name]:<12} {res['rate']:>9,.0f} req/s  "
                          f"broker {res['broker_cpu_us']:.1f} µs/req")
-    out: dict[str, Any] = {"runs": per, "capacity": CAPACITY, "inflight": INFLIGHT, "duration": duration}
+        paced = _paced(systems, cfg.pick(3, 1), warmup, duration)
+    out: dict[str, Any] = {"runs": per, "capacity": CAPACITY, "inflight": INFLIGHT, "duration": duration,
+                           "paced": paced}
     for name, results in per.items():
         out[name] = {
             "rate": median([r["rate"] for r in results]),
             "min": min(r["rate"] for r in results),
             "max": max(r["rate"] for r in results),
-            **{k: median([r[k] for r in results]) for k in ("broker_cpu_us", "workers_cpu_us", "client_cpu_us")},
+            **{k: median([r[k] for r in results]) for k in CPU_KEYS},
         }
     return out
+
+
+def _paced(systems: dict[str, System], runs: int, warmup: float, duration: float) -> dict[str, Any]:
+    """Medians of ``runs`` paced runs per rate and system (interleaved): {rate: {system: {...}}}."""
+    per: dict[int, dict[str, list[dict[str, Any]]]] = {}
+    for r in range(runs):
+        for rate in PACED_RATES:
+            for name in PACED_SYSTEMS:
+                if name not in systems:
+                    continue
+                res = measure_pipe(name, systems[name], 100, INFLIGHT, warmup, duration, pace=rate)
+                per.setdefault(rate, {}).setdefault(name, []).append(res)
+                progress(f"paced run {r + 1}/{runs} at {rate:,} req/s {LABELS[name]:<10} {res['rate']:>9,.0f} req/s  "
+                         f"broker {res['broker_cpu_us']:.1f} µs/req")
+    return {
+        str(rate): {name: {k: median([x[k] for x in results]) for k in ("rate", *CPU_KEYS)}
+                    for name, results in by_system.items()}
+        for rate, by_system in per.items()
+    }
+
+
+CPU_KEYS = ("broker_cpu_us", "workers_cpu_us", "client_cpu_us")
 
 
 def rows(res: dict[str, Any]) -> list[Row]:
@@ -124,6 +157,15 @@ def rows(res: dict[str, Any]) -> list[Row]:
             row.target = "<=2.5x proxy (1.5x); <=1x NATS"
             row.verdict = ok(bp, bp <= 2.5) + " / " + ok(bn, bn <= 1.0)
         out.append(row)
+    for rate, by in sorted(res.get("paced", {}).items(), key=lambda kv: int(kv[0])):
+        bp, bn = ratio(by, "broker_cpu_us", "zrouter", "proxy"), ratio(by, "broker_cpu_us", "zrouter", "nats")
+        short = [LABELS[n] for n, r in by.items() if r["rate"] < 0.95 * int(rate)]  # could not hold the pace
+        out.append(Row(
+            f"  broker CPU µs per request, all paced to {int(rate):,} req/s"
+            + (f" ({', '.join(short)} below it)" if short else ""),
+            ratio=f"{fmt_ratio(bp)} proxy, {fmt_ratio(bn)} NATS", target="same, at equal load",
+            verdict=ok(bp, bp <= 2.5) + " / " + ok(bn, bn <= 1.0), **cells(by, "broker_cpu_us", ".1f"),
+        ))  # fmt: skip
     return out
 
 
@@ -131,7 +173,9 @@ def plot(res: dict[str, Any], outdir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     names = [n for n in LABELS if n in res]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    paced = res.get("paced", {})
+    fig, axes = plt.subplots(1, 3 if paced else 2, figsize=(16 if paced else 11, 4.2))
+    ax, ax2 = axes[0], axes[1]
     rates = [res[n]["rate"] for n in names]
     err = [[res[n]["rate"] - res[n]["min"] for n in names], [res[n]["max"] - res[n]["rate"] for n in names]]
     bars = ax.bar([LABELS[n] for n in names], rates, yerr=err, capsize=6, color=["#1f77b4", "#aec7e8", "#7f7f7f", "#ff7f0e", "#2ca02c", "#9467bd"][: len(names)])
@@ -151,4 +195,17 @@ def plot(res: dict[str, Any], outdir: Path) -> list[Path]:
     ax2.set_ylabel("CPU µs per request (median)")
     ax2.set_title("Where the CPU goes (2 cores in all)")
     ax2.legend()
+    if paced:
+        ax3 = axes[2]
+        for name in PACED_SYSTEMS:
+            points = sorted((r[name]["rate"], r[name]["broker_cpu_us"]) for r in paced.values() if name in r)
+            if name in res:
+                points.append((res[name]["rate"], res[name]["broker_cpu_us"]))
+            if points:
+                ax3.plot([x for x, _ in points], [y for _, y in points], marker="o", label=LABELS[name])
+        ax3.set_xlabel("requests / s (paced, then top speed)")
+        ax3.set_ylabel("broker CPU µs per request")
+        ax3.set_title("Broker CPU per request depends on the load")
+        ax3.set_ylim(bottom=0)
+        ax3.legend()
     return save_plot(fig, outdir, "throughput")
