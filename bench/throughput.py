@@ -171,6 +171,7 @@ def rows(res: dict[str, Any]) -> list[Row]:
 
 def plot(res: dict[str, Any], outdir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     names = [n for n in LABELS if n in res]
     paced = res.get("paced", {})
@@ -194,6 +195,8 @@ def plot(res: dict[str, Any], outdir: Path) -> list[Path]:
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     ax2.set_ylabel("CPU µs per request (median)")
     ax2.set_title("Where the CPU goes (2 cores in all)")
+    for a in (ax, ax2):
+        a.tick_params(axis="x", labelrotation=20)
     ax2.legend()
     if paced:
         ax3 = axes[2]
@@ -203,6 +206,7 @@ def plot(res: dict[str, Any], outdir: Path) -> list[Path]:
                 points.append((res[name]["rate"], res[name]["broker_cpu_us"]))
             if points:
                 ax3.plot([x for x, _ in points], [y for _, y in points], marker="o", label=LABELS[name])
+        ax3.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:.0f}k"))
         ax3.set_xlabel("requests / s (paced, then top speed)")
         ax3.set_ylabel("broker CPU µs per request")
         ax3.set_title("Broker CPU per request depends on the load")
