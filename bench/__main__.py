@@ -18,7 +18,8 @@ Sections (``--only`` takes these names, comma-separated):
   mq           sections 5 and 4's SIGKILL and slow-worker scenarios on NATS and RabbitMQ
 
 Progress goes to stderr; the table to stdout; results to bench/results/latest.json; plots to
-docs/bench/*.png.
+docs/bench/*.png (the README's, committed: pass --plots DIR to keep them). ``make bench``
+installs the bench's dependencies (the ``bench`` extra, NATS, RabbitMQ) and runs everything.
 """
 
 from __future__ import annotations
@@ -92,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Settings(quick=args.quick, plots_dir=args.plots)
     os.environ.setdefault("MPLBACKEND", "Agg")
     if not args.no_plots:
-        import matplotlib
-
+        try:
+            import matplotlib
+        except ImportError:
+            p.error("the plots need matplotlib: pip install -e '.[bench]' (make bench does), or pass --no-plots")
         matplotlib.use("Agg")
         args.plots.mkdir(parents=True, exist_ok=True)
 

@@ -32,21 +32,20 @@ from collections import deque
 from typing import Any
 
 from bench.mq import nats_pipe, nats_sync, rabbitmq_pipe, rabbitmq_sync
-from bench.peers import SYSTEMS, PipeCounter, mdp_pipe, mdp_sync, proxy_pipe, proxy_sync
+from bench.peers import BURST, SYSTEMS, PipeCounter, mdp_pipe, mdp_sync, proxy_pipe, proxy_sync
 from bench.harness import percentile
 
 __all__ = ["main"]
 
-SERVICE = "echo"
 
-
-def zrouter_pipe(endpoint: str, payload: bytes, inflight: int, counter: PipeCounter) -> dict[str, Any]:
+def zrouter_pipe(endpoint: str, payload: bytes, inflight: int, counter: PipeCounter, service: str = "echo",
+                 timeout: float = 30.0) -> dict[str, Any]:
     from zrouter.client import Client
 
-    with Client(endpoint, timeout=60.0) as c:
-        c.request(SERVICE, payload)  # connection up, workers warm
+    with Client(endpoint, timeout=timeout) as c:
+        c.request(service, payload)  # connection up, workers warm
         counter.total += 1
-        window = deque(c.submit(SERVICE, payload) for _ in range(inflight))
+        window = deque(c.submit(service, payload) for _ in range(inflight))
         stopping = False
         while window:
             window.popleft().result()
@@ -55,20 +54,21 @@ def zrouter_pipe(endpoint: str, payload: bytes, inflight: int, counter: PipeCoun
                 continue
             stopping = counter.done()
             if not stopping:
-                window.append(c.submit(SERVICE, payload))
+                window.append(c.submit(service, payload))
     return counter.result()
 
 
-def zrouter_sync(endpoint: str, payload: bytes, warmup: int, count: int) -> list[float]:
+def zrouter_sync(endpoint: str, payload: bytes, warmup: int, count: int, service: str = "echo",
+                 timeout: float = 30.0) -> list[float]:
     from zrouter.client import Client
 
     clock = time.perf_counter
     lat: list[float] = []
-    with Client(endpoint, timeout=60.0) as c:
+    with Client(endpoint, timeout=timeout) as c:
         request = c.request
         for i in range(warmup + count):
             t0 = clock()
-            request(SERVICE, payload)
+            request(service, payload)
             if i >= warmup:
                 lat.append(clock() - t0)
     return lat
@@ -167,8 +167,18 @@ def fill(args: argparse.Namespace) -> None:
     os._exit(0)  # skip settling 100,000 pending requests on close: the broker is killed next
 
 
+def _at_least(low: float, kind: type = float) -> Any:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {text}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("mode", choices=["pipe", "sync", "open", "fill"])
     p.add_argument("--system", default="zrouter", choices=SYSTEMS,
                    help="zrouter-pure: zrouter's client on its pure-Python path (ZROUTER_PURE=1)")
@@ -178,10 +188,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=float, default=0.5, help="pipe: seconds; sync/open: requests")
     p.add_argument("--duration", type=float, default=3.0, help="seconds")
     p.add_argument("--count", type=int, default=2000)
-    p.add_argument("--service", default="echo")
+    p.add_argument("--service", default="echo",
+                   help="zrouter modes; the other systems' workers serve their one fixed service")
     p.add_argument("--rate", type=float, default=500.0, help="open: mean arrivals per second")
-    p.add_argument("--pace", type=float, default=0.0,
+    p.add_argument("--pace", type=_at_least(0.0), default=0.0,
                    help="pipe: hold the run to this many req/s (0: as fast as it goes)")
+    p.add_argument("--burst", type=_at_least(1, int), default=BURST,
+                   help="pipe with --pace: replies arrive in bursts of about this many, BURST / PACE s apart")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=30.0, help="request timeout, s")
     p.add_argument("--kill-pid", type=int, default=0)
@@ -196,15 +209,19 @@ def main(argv: list[str] | None = None) -> None:
         __import__({"zrouter": "zrouter.client", "zrouter-pure": "zrouter.client", "proxy": "zmq",
                     "majortomo": "majortomo", "nats": "nats", "rabbitmq": "aio_pika"}[args.system])
         cpu0 = sum(os.times()[:2])
-        counter = PipeCounter(args.warmup, args.duration, pace=args.pace)
-        drive = {"zrouter": zrouter_pipe, "zrouter-pure": zrouter_pipe, "proxy": proxy_pipe, "majortomo": mdp_pipe,
-                 "nats": nats_pipe, "rabbitmq": rabbitmq_pipe}[args.system]
-        out = drive(args.endpoint, payload, args.inflight, counter)
+        counter = PipeCounter(args.warmup, args.duration, pace=args.pace, burst=args.burst)
+        if args.system.startswith("zrouter"):
+            out = zrouter_pipe(args.endpoint, payload, args.inflight, counter, args.service, args.timeout)
+        else:
+            drive = {"proxy": proxy_pipe, "majortomo": mdp_pipe, "nats": nats_pipe, "rabbitmq": rabbitmq_pipe}[args.system]
+            out = drive(args.endpoint, payload, args.inflight, counter)
         out["client_cpu_s"] = sum(os.times()[:2]) - cpu0
     elif args.mode == "sync":
-        measure = {"zrouter": zrouter_sync, "zrouter-pure": zrouter_sync, "proxy": proxy_sync, "majortomo": mdp_sync,
-                   "nats": nats_sync, "rabbitmq": rabbitmq_sync}[args.system]
-        lat = measure(args.endpoint, payload, int(args.warmup), args.count)
+        if args.system.startswith("zrouter"):
+            lat = zrouter_sync(args.endpoint, payload, int(args.warmup), args.count, args.service, args.timeout)
+        else:
+            measure = {"proxy": proxy_sync, "majortomo": mdp_sync, "nats": nats_sync, "rabbitmq": rabbitmq_sync}[args.system]
+            lat = measure(args.endpoint, payload, int(args.warmup), args.count)
         out = summarize(lat)
     elif args.mode == "open" and args.system in ("nats", "rabbitmq"):
         from bench import mq
