@@ -277,11 +277,14 @@ class Broker(Inbound):
         if refused is None:
             return
         if err == errno.EHOSTUNREACH:
-            why = "its connection is gone"
-        else:
-            why = f"it has {self.config.max_client_unread} replies unread (--max-client-unread)"
-        log.warning("reply to client %s dropped: %s [%d more since the last such line]", peer_label(client), why,
-                    refused)
+            # Clients leave with requests outstanding as a matter of course (one that gave up at
+            # its deadline is gone when the broker's TIMEOUT answer for it comes): nothing for an
+            # operator to act on, so INFO. A client that does not read is a WARNING.
+            log.info("reply to client %s dropped: its connection is gone [%d more since the last such line]",
+                     peer_label(client), refused)
+            return
+        log.warning("reply to client %s dropped: it has %d replies unread (--max-client-unread) [%d more since the "
+                    "last such line]", peer_label(client), self.config.max_client_unread, refused)
 
     def _overflow(self, client: bytes, header: bytes, size: int) -> tuple[bytes, bytes, int]:
         """The TOO_LARGE answer that replaces a reply the client has no room for."""

@@ -175,6 +175,40 @@ def test_client_that_never_reads_its_replies(procs: ProcessGroup, ctx: zmq.Conte
         assert other.request("echo", b"still served") == b"still served"
 
 
+def test_a_reply_to_a_client_that_left_is_counted_and_logged_at_info(
+    procs: ProcessGroup, ctx: zmq.Context[Any]
+) -> None:
+    """A client that leaves with requests out (as one that gave up at its deadline does) is
+    normal: the replies that come later are counted as undeliverable and logged at INFO, not as
+    a WARNING an operator should act on."""
+    broker, url = broker_with_http(procs, "--heartbeat", "5")  # the scripted worker sends no heartbeats
+    worker = dealer(ctx, broker.backend)
+    worker.send_multipart([p.SIGNATURE, p.encode_ready("hold", 40, 1, {"instance": "holder"})])
+    broker.wait_workers(1)
+    client = dealer(ctx, broker.frontend)
+    for rid in range(1, 41):
+        request(client, rid, "hold", b"")
+    held: list[p.Request] = []
+    while len(held) < 40:
+        assert worker.poll(10_000), f"only {len(held)} of 40 requests reached the worker"
+        msg = p.decode_broker_message(worker.recv_multipart()[1])
+        assert type(msg) is p.Request
+        held.append(msg)
+    client.close()
+    # The broker learns of the disconnect asynchronously; replies sent before that go down the
+    # closing connection. So reply one at a time until one is refused, and counted.
+    for msg in held:
+        worker.send_multipart([p.SIGNATURE, p.encode_reply(msg.rid), b"late"])
+        time.sleep(0.05)  # paces the replies over 2 s; the disconnect takes milliseconds
+        if scrape(url)[("zrouter_undeliverable_replies_total", ())] > 0:
+            break
+    else:
+        raise AssertionError("no reply to the departed client was counted as undeliverable")
+    broker.wait_for(" INFO .*reply to client [0-9a-f]+ dropped: its connection is gone")
+    assert not [line for line in broker.lines if "WARNING" in line and "dropped" in line]
+    worker.close()
+
+
 def _big_replier(ctx: zmq.Context[Any], backend: str, size: int, stop: threading.Event) -> None:
     sock = dealer(ctx, backend)
     sock.send_multipart([p.SIGNATURE, p.encode_ready("big", 100, 1, {"instance": "big-replier"})])
