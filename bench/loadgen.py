@@ -5,7 +5,8 @@ last stdout line. Modes:
 
 - ``pipe``: keep ``--inflight`` requests in flight for ``--warmup`` + ``--duration`` seconds;
   req/s over the measured window (plus the total count, for CPU-per-request figures); with
-  ``--pace R``, at most R req/s (the same load for every system);
+  ``--pace R``, at most R req/s (the same load for every system), replies in bursts of about
+  ``--burst``;
 - ``sync``: one request at a time, ``--count`` latencies after ``--warmup`` requests;
 - ``open`` (zrouter only): open-loop Poisson arrivals at ``--rate`` req/s through AsyncClient,
   one record per request; ``--kill-pid``/``--kill-at`` SIGKILL a worker mid-run (failover);
@@ -167,6 +168,10 @@ def fill(args: argparse.Namespace) -> None:
     os._exit(0)  # skip settling 100,000 pending requests on close: the broker is killed next
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after every flag's help, and the module docstring's layout kept."""
+
+
 def _at_least(low: float, kind: type = float) -> Any:
     def parse(text: str) -> Any:
         value = kind(text)
@@ -177,27 +182,28 @@ def _at_least(low: float, kind: type = float) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.split("\n\n", 1)[1],
+                                formatter_class=_HelpFormatter)
     p.add_argument("mode", choices=["pipe", "sync", "open", "fill"])
     p.add_argument("--system", default="zrouter", choices=SYSTEMS,
                    help="zrouter-pure: zrouter's client on its pure-Python path (ZROUTER_PURE=1)")
-    p.add_argument("--endpoint", required=True)
+    p.add_argument("--endpoint", required=True, help="where clients connect: the broker's front end")
     p.add_argument("--size", type=int, default=100, help="payload bytes")
-    p.add_argument("--inflight", type=int, default=100)
+    p.add_argument("--inflight", type=int, default=100, help="pipe: requests kept in flight")
     p.add_argument("--warmup", type=float, default=0.5, help="pipe: seconds; sync/open: requests")
     p.add_argument("--duration", type=float, default=3.0, help="seconds")
-    p.add_argument("--count", type=int, default=2000)
+    p.add_argument("--count", type=int, default=2000, help="sync: requests measured; fill: requests queued")
     p.add_argument("--service", default="echo",
                    help="zrouter modes; the other systems' workers serve their one fixed service")
     p.add_argument("--rate", type=float, default=500.0, help="open: mean arrivals per second")
     p.add_argument("--pace", type=_at_least(0.0), default=0.0,
                    help="pipe: hold the run to this many req/s (0: as fast as it goes)")
     p.add_argument("--burst", type=_at_least(1, int), default=BURST,
-                   help="pipe with --pace: replies arrive in bursts of about this many, BURST / PACE s apart")
-    p.add_argument("--seed", type=int, default=1)
+                   help="pipe with --pace: the client sleeps once it is BURST replies ahead of the schedule, so "
+                        "replies come in bursts of about BURST, BURST / PACE s apart")
+    p.add_argument("--seed", type=int, default=1, help="open: the arrivals' random seed")
     p.add_argument("--timeout", type=float, default=30.0, help="request timeout, s")
-    p.add_argument("--kill-pid", type=int, default=0)
+    p.add_argument("--kill-pid", type=int, default=0, help="open: a worker to SIGKILL mid-run (0: none)")
     p.add_argument("--kill-at", type=float, default=0.0, help="seconds after the load starts")
     p.add_argument("--probe", default="probe", help="fill: a service with a worker, to prove ordering")
     args = p.parse_args(argv)
@@ -215,7 +221,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             drive = {"proxy": proxy_pipe, "majortomo": mdp_pipe, "nats": nats_pipe, "rabbitmq": rabbitmq_pipe}[args.system]
             out = drive(args.endpoint, payload, args.inflight, counter)
-        out["client_cpu_s"] = sum(os.times()[:2]) - cpu0
+        out["client_cpu_s"] = round(sum(os.times()[:2]) - cpu0, 3)
+        if args.pace and out["rate"] < 0.95 * args.pace:
+            print(f"loadgen: warning: {out['rate']:,.0f} req/s, below --pace {args.pace:,.0f}", file=sys.stderr)
     elif args.mode == "sync":
         if args.system.startswith("zrouter"):
             lat = zrouter_sync(args.endpoint, payload, int(args.warmup), args.count, args.service, args.timeout)

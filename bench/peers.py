@@ -301,7 +301,7 @@ class PipeCounter:
     def result(self) -> dict[str, Any]:
         assert self.at_window_start is not None and self.at_window_end is not None
         (n0, t0), (n1, t1) = self.at_window_start, self.at_window_end
-        return {"rate": (n1 - n0) / (t1 - t0), "measured": n1 - n0, "total": self.total}
+        return {"rate": round((n1 - n0) / (t1 - t0), 1), "measured": n1 - n0, "total": self.total}
 
 
 def proxy_pipe(endpoint: str, payload: bytes, inflight: int, counter: PipeCounter) -> dict[str, Any]:
