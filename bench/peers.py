@@ -252,9 +252,10 @@ class PipeCounter:
 
     ``pace`` (req/s, 0 for none) holds the run to that rate: :meth:`done` sleeps once the
     completions are ``burst`` requests ahead of the schedule, until they are back on it, so the
-    driver's next sends wait (``burst=1``: after every early completion). A driver that falls behind (a stall) is never more than ``burst``
-    requests late on the schedule either: it does not catch up with one long burst. Pacing stops
-    with the measured window, so the run's last replies drain at once.
+    driver's next sends wait (``burst=1``: after every early completion). A driver that falls
+    behind (a stall) is never more than ``burst`` requests late on the schedule either: it does
+    not catch up with one long burst. Pacing stops with the measured window, so the run's last
+    replies drain at once. Raises ValueError for a negative pace or a burst below 1.
 
     CPU per request depends on the rate and on how bursty the arrivals are, so systems are
     compared on CPU at one paced rate and arrival pattern as well as at their own top speed."""

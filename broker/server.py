@@ -110,7 +110,9 @@ class Broker(Inbound):
         self.front.rcvhwm = min(READ_AHEAD, config.max_client_requests)
         self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.unread = UnreadReplies(config.max_client_unread_bytes)
-        self._reply_log = RateLimiter(1.0, 1, 2)  # a line a second for each kind of lost reply
+        # A line a second for each kind of lost reply (client gone, client not reading, unread
+        # bytes), each its own bucket: many departed clients must not hide a WARNING.
+        self._reply_log = RateLimiter(1.0, 1, 3)
         # Sending to a vanished worker must fail loudly so its request is requeued at once.
         self.back.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.auth: BrokerAuth | None = None
@@ -273,10 +275,11 @@ class Broker(Inbound):
 
     def _undeliverable(self, client: bytes, err: int) -> None:
         self.router.stats.undeliverable += 1
-        refused = self._reply_log.take("undeliverable", time.monotonic())
+        gone = err == errno.EHOSTUNREACH
+        refused = self._reply_log.take("gone" if gone else "unread", time.monotonic())
         if refused is None:
             return
-        if err == errno.EHOSTUNREACH:
+        if gone:
             # Clients leave with requests outstanding as a matter of course (one that gave up at
             # its deadline is gone when the broker's TIMEOUT answer for it comes): nothing for an
             # operator to act on, so INFO. A client that does not read is a WARNING.
