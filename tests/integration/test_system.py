@@ -44,16 +44,19 @@ def _served_by(answers: list[dict[str, Any]]) -> collections.Counter[str]:
 
 
 def test_requests_are_balanced_across_three_workers(procs: ProcessGroup) -> None:
+    # Each request takes 10 ms of sleep, so a worker's share follows its free slots (what
+    # least-outstanding balances on), not which of 3 worker processes the 2 cores happen to
+    # schedule: with zero service time one descheduled worker kept its slots full and got 49 of 300.
     broker = procs.broker()
     for _ in range(3):
-        procs.worker(broker, capacity=4)
+        procs.worker(broker, capacity=4, delay=0.01)
     broker.wait_workers(3)
     with Client(broker.frontend, timeout=10) as client:
         pending = [client.submit("svc", {"n": i}) for i in range(300)]
         answers = [x.result() for x in pending]
     assert [a["payload"] for a in answers] == [{"n": i} for i in range(300)]
     counts = _served_by(answers)
-    assert len(counts) == 3 and min(counts.values()) >= 50, counts
+    assert len(counts) == 3 and min(counts.values()) >= 70, counts  # 100 each when even
 
 
 def test_sigkill_while_holding_requests_loses_no_idempotent_request(procs: ProcessGroup) -> None:

@@ -89,6 +89,10 @@ def test_hostport_parsing() -> None:
 
 
 def test_json_log_lines_have_the_stable_keys() -> None:
+    # configure_logging replaces the root handlers; put pytest's back afterwards, since a handler
+    # on this test's captured stderr would outlive the capture and fail later tests' log calls.
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
     stream = io.StringIO()
     formatter = configure_logging("INFO", "json", static={"service": "svc"},
                                   context=lambda: {"rid": 7}, stream=stream)  # fmt: skip
@@ -103,7 +107,11 @@ def test_json_log_lines_have_the_stable_keys() -> None:
         except RuntimeError:
             log.exception("failed")
     finally:
-        configure_logging("INFO", "text")
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved_handlers:
+            root.addHandler(handler)
+        root.setLevel(saved_level)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert len(lines) == 3
     first = lines[0]
