@@ -1,14 +1,18 @@
 """What the router's parts share: the types it sends through (:class:`Sink`), asks
 (:class:`Access`), counts in (:class:`Stats`) and refuses with (:class:`Refused`), and
 :class:`RouterState`, the router's state as its mixins (zrouter.broker.router_timers,
-zrouter.broker.router_admin) see it. ``zrouter.broker.router`` re-exports the public ones."""
+zrouter.broker.router_admin, zrouter.broker.router_members) see it. ``zrouter.broker.router``
+re-exports the public ones."""
 
 from __future__ import annotations
 
 import random
 import itertools
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from typing import Any, Final, Protocol
+
+from zrouter import protocol
 
 from zrouter.broker.counters import ServiceStats
 from zrouter.broker.state import ClientLoad, Request, Service, WorkerState
@@ -83,6 +87,14 @@ class RouterState(Protocol):
     rng: random.Random
     grace: float
     accepting: bool
+    liveness: int
+    liveness_timeout: float
+    max_attempts: int
+    max_capacity: int
+    max_worker_bytes: int
+    slow_start: float
+    service_slow_start: dict[str, float]
+    on_join: Callable[[WorkerState, float], None] | None
     n_inflight: int
     services: dict[str, Service]
     service_policies: dict[str, str]
@@ -97,6 +109,7 @@ class RouterState(Protocol):
     _beats: list[tuple[float, int, WorkerState]]
     _beat_seq: itertools.count[int]
 
+    def service(self, name: str, now: float) -> Service: ...
     def count_status(self, service: str, status: int) -> None: ...
     def answer(self, client: bytes, crid: int, status: int, message: str) -> None: ...
     def stats_for(self, name: str) -> ServiceStats: ...
@@ -105,6 +118,7 @@ class RouterState(Protocol):
     def _limit(self, w: WorkerState) -> None: ...
     def _grace_if_unserved(self, svc: Service, now: float) -> None: ...
     def remove_worker(self, w: WorkerState, reason: str, now: float) -> None: ...
+    def _heartbeat_of(self, ready: protocol.Ready) -> float: ...
     # The mixins' own, called across them.
     def _apply_weight(self, w: WorkerState, now: float) -> None: ...
     def _refresh(self, w: WorkerState) -> None: ...
