@@ -61,6 +61,12 @@ IDLE_BACKEND_PERIOD: Final = 0.02
 READ_AHEAD: Final = 128
 
 _SIG: Final = protocol.SIGNATURE
+# The kinds of lost reply that are logged: the client's connection is gone, the client has
+# --max-client-unread replies unread, a reply replaced by TOO_LARGE for the unread bytes.
+_GONE: Final = "gone"
+_UNREAD: Final = "unread"
+_OVERFLOW: Final = "overflow"
+_REPLY_LOSSES: Final = (_GONE, _UNREAD, _OVERFLOW)
 _unpackb: Callable[..., Any] = msgpack.unpackb
 
 
@@ -110,9 +116,9 @@ class Broker(Inbound):
         self.front.rcvhwm = min(READ_AHEAD, config.max_client_requests)
         self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.unread = UnreadReplies(config.max_client_unread_bytes)
-        # A line a second for each kind of lost reply (client gone, client not reading, unread
-        # bytes), each its own bucket: many departed clients must not hide a WARNING.
-        self._reply_log = RateLimiter(1.0, 1, 3)
+        # A line a second for each kind of lost reply, each its own bucket: many departed
+        # clients must not hide a WARNING.
+        self._reply_log = RateLimiter(1.0, 1, len(_REPLY_LOSSES))
         # Sending to a vanished worker must fail loudly so its request is requeued at once.
         self.back.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.auth: BrokerAuth | None = None
@@ -276,7 +282,7 @@ class Broker(Inbound):
     def _undeliverable(self, client: bytes, err: int) -> None:
         self.router.stats.undeliverable += 1
         gone = err == errno.EHOSTUNREACH
-        refused = self._reply_log.take("gone" if gone else "unread", time.monotonic())
+        refused = self._reply_log.take(_GONE if gone else _UNREAD, time.monotonic())
         if refused is None:
             return
         if gone:
@@ -295,7 +301,7 @@ class Broker(Inbound):
         crid = _unpackb(header)[1]  # our own REPLY header
         unread = self.unread.unread(client)
         limit = self.config.max_client_unread_bytes
-        refused = self._reply_log.take("overflow", time.monotonic())
+        refused = self._reply_log.take(_OVERFLOW, time.monotonic())
         if refused is not None:
             log.warning("reply of %d bytes to client %s replaced by TOO_LARGE: %d bytes unread "
                         "(--max-client-unread-bytes %d) [%d more since the last such line]", size, peer_label(client),
